@@ -1,0 +1,41 @@
+"""Errors raised by litplug. Each one names the plugin, the argument or hook, and the cause."""
+
+from __future__ import annotations
+
+
+class LitplugError(Exception):
+    """Base class of every error litplug raises on purpose."""
+
+
+class PluginConfigError(LitplugError, ValueError):
+    """A plugin was configured with a value it cannot work with.
+
+    Raised at construction or at setup, always before the first training step.
+    """
+
+    def __init__(self, plugin: str, argument: str, problem: str) -> None:
+        self.plugin = plugin
+        self.argument = argument
+        self.problem = problem
+        super().__init__(f"plugin '{plugin}': argument '{argument}' {problem}")
+
+
+class PluginSetupError(LitplugError):
+    """The set of configured plugins cannot run together or on this model (order, conflicts, features)."""
+
+
+class PluginLoadError(LitplugError):
+    """A third-party plugin could not be imported from its entry point."""
+
+
+class CheckpointError(LitplugError):
+    """A checkpoint does not fit the configured plugins."""
+
+
+class HookError(LitplugError):
+    """A plugin's hook implementation returned something the hook's contract does not allow."""
+
+    def __init__(self, plugin: str, hook: str, problem: str) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(f"plugin '{plugin}', hook '{hook}': {problem}")

@@ -1,0 +1,252 @@
+"""Every hook a litplug plugin can implement, grouped by the phase of a run in which it fires.
+
+Plugins implement hooks as methods marked with :data:`hookimpl`; an implementation may accept any
+subset of a hook's arguments (pluggy passes them by name). Hooks are always called with keyword
+arguments through :class:`litplug.core.manager.PluginHooks`, never as ``pm.hook.x(...)`` elsewhere.
+
+How results combine, stated per hook:
+
+- *collected*: every implementation runs, in the resolved plugin order; ``None`` results are dropped.
+- *first result*: implementations run in order until one returns something other than ``None``.
+- *chained*: each implementation receives the previous one's result (``None`` means "unchanged").
+- *reversed*: like collected, but in reverse plugin order, so the plugin that changed something first
+  undoes it last (teardown semantics).
+
+The resolved order comes from each plugin's ``run_after`` / ``run_before`` declarations (see
+:mod:`litplug.core.ordering`). Under DDP every hook runs on every rank unless its docstring says
+otherwise; logging is reduced or done on rank zero by the core, never by a hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+    from torch import Tensor, nn
+    from torch.utils.data import DataLoader
+
+PROJECT_NAME = "litplug"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+#: Hooks whose implementations are chained (each gets the previous result).
+CHAINED_HOOKS = frozenset({"litplug_configure_model", "litplug_transform_batch"})
+#: Hooks that run in reverse plugin order.
+REVERSED_HOOKS = frozenset({"litplug_on_eval_end", "litplug_on_fit_end"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup: before any training step
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def litplug_check_setup(module: LightningModule, trainer: Trainer) -> None:
+    """Validate the plugin against the trainer, the datamodule and the (unmodified) model.
+
+    Fires in ``LightningModule.setup`` for every stage, before model surgery, so a bad combination
+    (a ghost batch larger than the per-device batch, a plugin without DDP support under DDP, ...)
+    fails before the first step. Raise :class:`litplug.core.errors.PluginConfigError` naming the
+    argument. Results: collected (return values are ignored). Ranks: all.
+    """
+
+
+@hookspec
+def litplug_configure_model(model: nn.Module, module: LightningModule) -> nn.Module | None:
+    """Model surgery: change the model's structure (replace layers, add parameters, wrap it).
+
+    Fires once per module instance, from ``LightningModule.configure_model`` (before the optimizer is
+    built and before a checkpoint's weights are loaded) or, when a checkpoint is loaded without a
+    trainer, from ``on_load_checkpoint``; so surgery is always replayed before weights load. Must be
+    deterministic given the configuration, and idempotent on an already modified model.
+    Results: chained: return a replacement model or ``None`` after changing ``model`` in place.
+    Ranks: all (each rank changes its own replica identically).
+    """
+
+
+@hookspec
+def litplug_on_fit_start(module: LightningModule, sample_batch: Any) -> None:
+    """Fit begins; ``sample_batch`` is the first training batch of this ``fit`` call, on device.
+
+    Fires right before the first training step of every ``fit`` call (also after a resume, so a
+    plugin whose work is already in its restored state must skip it; Admin's profiling does). The
+    batch is the raw one, before :func:`litplug_transform_batch`. Runs under ``torch.no_grad`` is NOT
+    assumed: the plugin decides. Results: collected. Ranks: all; a plugin that must agree across ranks
+    computes on every rank from its own batch and the DDP callback broadcasts rank zero's state.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every batch (training, validation, test, predict)
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def litplug_transform_batch(module: LightningModule, batch: Any, stage: str) -> Any | None:
+    """Transform a batch before the forward pass (perturb, tile, mix, attack).
+
+    Fires in every step of every stage (``stage`` is ``"train"``, ``"val"``, ``"test"`` or
+    ``"predict"``), after the batch is on the device. Results: chained: return the new batch or
+    ``None`` for "unchanged". Ranks: all, each on its own shard.
+    """
+
+
+@hookspec(firstresult=True)
+def litplug_compute_loss(
+    module: LightningModule, outputs: Any, targets: Tensor, batch: Any, stage: str
+) -> Tensor | None:
+    """Replace the main loss (MIMO's sum over heads, an ensemble's sum over members).
+
+    Fires in every training, validation and test step after the forward pass. Results: first
+    result; when every plugin returns ``None`` the module's configured loss is used.
+    Ranks: all.
+    """
+
+
+@hookspec
+def litplug_extra_losses(
+    module: LightningModule, outputs: Any, targets: Tensor, batch: Any, stage: str
+) -> dict[str, Tensor] | None:
+    """Named loss terms added to the main loss (EWC penalty, center loss, distillation).
+
+    Fires in every training step (``stage == "train"``) after the main loss. Each returned term is
+    added to the total and logged as ``train/loss_<name>``. Results: collected; two plugins returning
+    the same name is an error naming both. Ranks: all.
+    """
+
+
+@hookspec(firstresult=True)
+def litplug_log_probs(module: LightningModule, outputs: Any, stage: str) -> Tensor | None:
+    """Turn the model's outputs into class log-probabilities for metrics and prediction.
+
+    Fires in every validation/test/predict step, and in training steps when training metrics are
+    logged. Ensembles and MIMO average member probabilities here. Results: first result; default
+    ``log_softmax(outputs, dim=-1)``. Ranks: all.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training step internals
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def litplug_on_after_backward(module: LightningModule) -> None:
+    """Gradients of the training loss exist (before clipping and the optimizer step).
+
+    Fires from ``LightningModule.on_after_backward``; under DDP the gradients are already
+    all-reduced. Results: collected. Ranks: all.
+    """
+
+
+@hookspec
+def litplug_on_before_optimizer_step(module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer is about to step (after gradient clipping by the trainer is configured).
+
+    Results: collected. Ranks: all.
+    """
+
+
+@hookspec
+def litplug_on_train_batch_end(module: LightningModule, batch: Any, loss: Tensor, batch_idx: int) -> None:
+    """A training step has finished, optimizer step included (EMA updates, center updates).
+
+    ``batch`` is the transformed batch the step trained on. Results: collected. Ranks: all.
+    """
+
+
+@hookspec
+def litplug_on_train_epoch_end(module: LightningModule) -> None:
+    """A training epoch has ended. Results: collected. Ranks: all."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def litplug_on_eval_start(module: LightningModule, stage: str) -> None:
+    """A validation or test epoch begins (``stage`` is ``"val"`` or ``"test"``).
+
+    Swap in evaluation weights (EMA) here. Results: collected, in plugin order. Ranks: all.
+    """
+
+
+@hookspec
+def litplug_eval_step(
+    module: LightningModule, batch: Any, outputs: Any, log_probs: Tensor | None, targets: Tensor, stage: str
+) -> dict[str, Tensor | float] | None:
+    """Per-batch evaluation metrics (robust accuracy, member accuracy, diversity).
+
+    Fires in every validation/test step after the core metrics. Returned values are logged as
+    ``<stage>/<name>`` and averaged over the epoch (weighted by batch size). Results: collected;
+    duplicate names across plugins are an error. Ranks: all; values are averaged across ranks.
+    """
+
+
+@hookspec
+def litplug_on_eval_end(module: LightningModule, stage: str) -> dict[str, float] | None:
+    """A validation or test epoch has ended; return epoch-level metrics if any.
+
+    Undo what :func:`litplug_on_eval_start` did (restore training weights). Results: reversed
+    order, returned dicts are logged as ``<stage>/<name>``. Ranks: all.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Continual learning: task boundaries
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def litplug_on_task_start(module: LightningModule, task_id: int) -> None:
+    """Training on task ``task_id`` (0-based) is about to begin.
+
+    Fired by the continual-learning driver, never by a plain ``fit``. Results: collected.
+    Ranks: all.
+    """
+
+
+@hookspec
+def litplug_on_task_end(module: LightningModule, task_id: int, dataloader: DataLoader) -> None:
+    """Training on task ``task_id`` has finished; ``dataloader`` iterates that task's training data.
+
+    Compute importance estimates (EWC's Fisher), store anchors and class centers here. Results:
+    collected. Ranks: all, each with its shard; the DDP callback averages what must agree.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints and teardown
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def litplug_on_save_checkpoint(module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint is being written, after every plugin's ``state_dict()`` was stored in it.
+
+    For plugins that need raw access to the checkpoint; plain state belongs in ``state_dict()``.
+    Results: collected. Ranks: all (Lightning writes the file on rank zero only).
+    """
+
+
+@hookspec
+def litplug_on_load_checkpoint(module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint has been read; model surgery was replayed and plugin states were restored.
+
+    Results: collected. Ranks: all.
+    """
+
+
+@hookspec
+def litplug_on_fit_end(module: LightningModule) -> None:
+    """Fit has ended (also after an interruption handled by Lightning).
+
+    Results: reversed order. Ranks: all.
+    """

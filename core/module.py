@@ -1,0 +1,372 @@
+"""``LitplugModule``: the LightningModule that runs any ``nn.Module`` with a list of plugins.
+
+The module owns the flow of a step (transform batch -> forward -> loss + named extra terms -> log)
+and calls plugin hooks at fixed points (see :mod:`litplug.core.hookspecs`). It also owns what must
+survive a checkpoint besides the weights: every plugin's state under a versioned key, the global
+random-number state (so a resumed run draws the same noise), and the fact that model surgery ran.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litplug.core.errors import CheckpointError, PluginSetupError
+from litplug.core.features import get_model_feature
+from litplug.core.manager import PluginHooks
+from litplug.core.metrics import ClassificationMetrics, default_loss
+from litplug.core.plugin import Plugin
+
+try:  # Lightning stores the CLI's plain config instead of objects when this is set.
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older/newer Lightning without the context variable
+    _given_hyperparameters = None
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+CHECKPOINT_KEY = "litplug"
+CHECKPOINT_FORMAT = 1
+EVAL_STAGES = ("val", "test")
+
+
+class LitplugModule(L.LightningModule):
+    """Train any ``nn.Module`` with a list of plugins.
+
+    Args:
+        model: the network; its forward takes the batch's inputs and returns outputs (logits).
+        plugins: the methods to apply; order is resolved from their declarations, not this list.
+        loss: loss module called as ``loss(outputs, targets)``; default cross-entropy for integer
+            targets (sequence outputs flattened, index -100 ignored) and MSE for float targets.
+        optimizer: optimizer factory taking the parameters (from YAML: ``class_path: torch.optim.SGD``).
+        lr_scheduler: optional scheduler factory taking the optimizer.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
+        num_classes: classes for accuracy/NLL/ECE/Brier; ``None`` takes the datamodule's
+            ``num_classes``; 0 turns classification metrics off (regression).
+        log_train_metrics: also compute accuracy/NLL on training batches (costs a little time).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plugins: list[Plugin] | None = None,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr_scheduler: SchedulerFactory | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val/loss",
+        num_classes: int | None = None,
+        log_train_metrics: bool = False,
+    ) -> None:
+        super().__init__()
+        from_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
+        # Outside the CLI the arguments are live objects: keep them out of the checkpoint so it loads
+        # with weights_only=True (pass them again to load_from_checkpoint).
+        objects = ["model", "plugins", "loss", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=None if from_cli else objects)
+        self.model = model
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
+        self.num_classes = num_classes
+        self.log_train_metrics = log_train_metrics
+        self.hooks = PluginHooks(plugins or [])
+        self._check_model_features(model)
+        self.surgery_done = False
+        self._fit_start_pending = True
+        self._pending_rng_state: dict[str, Any] | None = None
+        self._train_batch: Any = None
+        self.metrics = nn.ModuleDict()
+
+    # -- plugins ----------------------------------------------------------------------------------
+
+    @property
+    def plugins(self) -> list[Plugin]:
+        """Plugins in their resolved run order."""
+        return self.hooks.plugins
+
+    def get_plugin(self, name: str) -> Plugin:
+        for plugin in self.plugins:
+            if plugin.name == name:
+                return plugin
+        raise KeyError(f"no plugin named '{name}' is configured; configured: {self.hooks.order()}")
+
+    def _check_model_features(self, model: nn.Module) -> None:
+        for plugin in self.plugins:
+            for feature_name in plugin.requires:
+                feature = get_model_feature(feature_name)
+                if not feature.present(model):
+                    raise PluginSetupError(
+                        f"plugin '{plugin.name}' requires a model with {feature.description}; "
+                        f"{type(model).__name__} has none"
+                    )
+
+    def apply_surgery(self) -> None:
+        """Run every plugin's model surgery once (idempotent)."""
+        if not self.surgery_done:
+            self.model = self.hooks.configure_model(model=self.model, module=self)
+            self.surgery_done = True
+
+    # -- Lightning setup --------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            unsupported = [p.name for p in self.plugins if not p.supports_ddp]
+            if unsupported:
+                raise PluginSetupError(
+                    f"plugin(s) {unsupported} do not support multi-process training "
+                    f"(world size {trainer.world_size}); run on one device or remove them"
+                )
+        self.hooks.check_setup(module=self, trainer=trainer)
+        self._build_metrics(trainer)
+
+    def _build_metrics(self, trainer: L.Trainer) -> None:
+        if len(self.metrics) > 0:
+            return
+        num_classes = self.num_classes
+        if num_classes is None:
+            num_classes = getattr(trainer.datamodule, "num_classes", None) if trainer.datamodule else None
+        self.num_classes = num_classes
+        if num_classes:
+            for stage in ("train", *EVAL_STAGES):
+                self.metrics[f"{stage}_metrics"] = ClassificationMetrics(num_classes)
+
+    def configure_model(self) -> None:
+        self.apply_surgery()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_fit_start(self) -> None:
+        self._fit_start_pending = True
+        run_config = {
+            "litplug/plugin_order": self.hooks.order(),
+            "litplug/plugins": {p.name: _plain(p.hyperparameters()) for p in self.plugins},
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams(run_config)
+
+    def on_fit_end(self) -> None:
+        self.hooks.on_fit_end(module=self)
+
+    # -- forward and loss -------------------------------------------------------------------------
+
+    def forward(self, inputs: Any) -> Any:
+        return self.model(inputs)
+
+    @staticmethod
+    def split_batch(batch: Any) -> tuple[Any, Tensor]:
+        """Batches are ``(inputs, targets)`` pairs."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise TypeError(f"litplug expects batches as (inputs, targets) pairs, got {type(batch).__name__}")
+
+    def main_loss(self, outputs: Any, targets: Tensor, batch: Any, stage: str) -> Tensor:
+        replaced = self.hooks.compute_loss(module=self, outputs=outputs, targets=targets, batch=batch, stage=stage)
+        if replaced is not None:
+            return replaced
+        if self.loss_fn is not None:
+            return self.loss_fn(outputs, targets)
+        return default_loss(outputs, targets)
+
+    def log_probs(self, outputs: Any, stage: str) -> Tensor:
+        result = self.hooks.log_probs(module=self, outputs=outputs, stage=stage)
+        return result if result is not None else F.log_softmax(outputs, dim=-1)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._fit_start_pending:
+            self._fit_start_pending = False
+            self.hooks.on_fit_start(module=self, sample_batch=batch)
+        if self._pending_rng_state is not None:
+            _set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch = self.hooks.transform_batch(module=self, batch=batch, stage="train")
+        inputs, targets = self.split_batch(batch)
+        outputs = self(inputs)
+        loss = self.main_loss(outputs, targets, batch, "train")
+        extras = self.hooks.extra_losses(module=self, outputs=outputs, targets=targets, batch=batch, stage="train")
+        total = loss + sum(extras.values()) if extras else loss
+        batch_size = _batch_size(targets)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        if extras:
+            self.log("train/loss_main", loss, batch_size=batch_size)
+            for name, term in extras.items():
+                self.log(f"train/loss_{name}", term, batch_size=batch_size)
+        if self.log_train_metrics and "train_metrics" in self.metrics and not targets.is_floating_point():
+            self._update_metrics("train", self.log_probs(outputs, "train"), targets)
+        self._train_batch = batch
+        return total
+
+    def on_after_backward(self) -> None:
+        self.hooks.on_after_backward(module=self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.hooks.on_before_optimizer_step(module=self, optimizer=optimizer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.hooks.on_train_batch_end(module=self, batch=self._train_batch, loss=loss, batch_idx=batch_idx)
+        self._train_batch = None
+
+    def on_train_epoch_end(self) -> None:
+        self.hooks.on_train_epoch_end(module=self)
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        batch = self.hooks.transform_batch(module=self, batch=batch, stage=stage)
+        inputs, targets = self.split_batch(batch)
+        outputs = self(inputs)
+        loss = self.main_loss(outputs, targets, batch, stage)
+        batch_size = _batch_size(targets)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch_size, sync_dist=True)
+        log_probs = None
+        if f"{stage}_metrics" in self.metrics and not targets.is_floating_point():
+            log_probs = self.log_probs(outputs, stage)
+            self._update_metrics(stage, log_probs, targets)
+        extra = self.hooks.eval_step(
+            module=self, batch=batch, outputs=outputs, log_probs=log_probs, targets=targets, stage=stage
+        )
+        for name, value in extra.items():
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
+        return loss
+
+    def _update_metrics(self, stage: str, log_probs: Tensor, targets: Tensor) -> None:
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(log_probs, targets)
+        for name, metric in metrics.metrics().items():
+            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "acc")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch = self.hooks.transform_batch(module=self, batch=batch, stage="predict")
+        inputs = self.split_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch
+        return self.log_probs(self(inputs), "predict").exp()
+
+    def on_validation_epoch_start(self) -> None:
+        self.hooks.on_eval_start(module=self, stage="val")
+
+    def on_test_epoch_start(self) -> None:
+        self.hooks.on_eval_start(module=self, stage="test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_end("test")
+
+    def _log_eval_end(self, stage: str) -> None:
+        for name, value in self.hooks.on_eval_end(module=self, stage=stage).items():
+            self.log(f"{stage}/{name}", value, sync_dist=True)
+
+    # -- continual learning -----------------------------------------------------------------------
+
+    def start_task(self, task_id: int) -> None:
+        """Tell plugins that training on ``task_id`` begins (called by the continual driver)."""
+        self.hooks.on_task_start(module=self, task_id=task_id)
+
+    def end_task(self, task_id: int, dataloader: Any) -> None:
+        """Tell plugins that training on ``task_id`` ended; ``dataloader`` iterates its data."""
+        self.hooks.on_task_end(module=self, task_id=task_id, dataloader=dataloader)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "order": self.hooks.order(),
+            "plugins": {
+                p.name: {"class_path": p.class_path(), "version": p.state_version, "state": p.state_dict()}
+                for p in self.plugins
+            },
+            "rng": _get_rng_state(),
+        }
+        self.hooks.on_save_checkpoint(module=self, checkpoint=checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.apply_surgery()  # weights of a modified model only fit a modified model
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            if self.plugins:
+                raise CheckpointError(
+                    "checkpoint has no litplug section; it was not written by LitplugModule, so the "
+                    f"state of plugins {self.hooks.order()} cannot be restored"
+                )
+            return
+        self._restore_plugin_states(saved["plugins"])
+        if self._trainer is not None:  # resuming training: replay the random stream from here
+            self._pending_rng_state = saved.get("rng")
+        self.hooks.on_load_checkpoint(module=self, checkpoint=checkpoint)
+
+    def _restore_plugin_states(self, saved: dict[str, dict[str, Any]]) -> None:
+        configured = {p.name: p for p in self.plugins}
+        missing = [name for name in saved if name not in configured]
+        if missing:
+            details = ", ".join(f"'{n}' ({saved[n]['class_path']})" for n in missing)
+            raise CheckpointError(
+                f"checkpoint needs plugin(s) {details}, which are not configured; add them to model.plugins"
+            )
+        for name, entry in saved.items():
+            plugin = configured[name]
+            state, version = entry["state"], entry["version"]
+            if version != plugin.state_version:
+                state = plugin.upgrade_state(state, version)
+            plugin.load_state_dict(state)
+
+
+def _batch_size(targets: Tensor) -> int:
+    return int(targets.shape[0]) if targets.ndim > 0 else 1
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as loggable primitives (objects become their repr)."""
+    return {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v) for k, v in values.items()}
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,127 @@
+"""The base class of every litplug plugin.
+
+A plugin is a small object of hook implementations (methods marked with ``@hookimpl``, see
+:mod:`litplug.core.hookspecs`) plus declarations the core checks before training starts:
+
+- ``name``: unique id used in ordering declarations, checkpoints and logs.
+- ``run_after`` / ``run_before``: names of plugins this one must follow / precede when both are
+  configured; the core sorts plugins topologically and rejects cycles.
+- ``conflicts_with``: names of plugins that cannot be combined with this one.
+- ``requires``: names of model features (:mod:`litplug.core.features`) the model must have.
+- ``supports_ddp``: whether the plugin is correct under multi-process data parallelism.
+- ``state_version``: bumped when the layout of ``state_dict()`` changes.
+
+Hyperparameters are constructor arguments stored as attributes of the same name and validated in
+``__init__`` with :meth:`Plugin.check`, so a bad value fails when the config is parsed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+from litplug.core.errors import CheckpointError, PluginConfigError
+
+
+class Plugin:
+    """Base class: subclass it, set ``name``, implement hooks with ``@hookimpl``."""
+
+    name: ClassVar[str] = ""
+    run_after: tuple[str, ...] = ()
+    run_before: tuple[str, ...] = ()
+    conflicts_with: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    supports_ddp: ClassVar[bool] = True
+    state_version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.name and not inspect.isabstract(cls):
+            raise TypeError(f"plugin class {cls.__module__}.{cls.__qualname__} must set a `name`")
+
+    # -- validation helpers -----------------------------------------------------------------------
+
+    def check(self, ok: bool, argument: str, problem: str) -> None:
+        """Raise a :class:`PluginConfigError` naming this plugin and ``argument`` unless ``ok``."""
+        if not ok:
+            raise PluginConfigError(self.name, argument, problem)
+
+    def check_range(
+        self,
+        argument: str,
+        value: float,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_inclusive: bool = True,
+        high_inclusive: bool = True,
+    ) -> None:
+        """Check ``low <= value <= high`` (bounds optional, inclusivity configurable)."""
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high:
+            left = "[" if low_inclusive else "("
+            right = "]" if high_inclusive else ")"
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            raise PluginConfigError(self.name, argument, f"must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+    def check_choice(self, argument: str, value: object, allowed: tuple[object, ...]) -> None:
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise PluginConfigError(self.name, argument, f"must be one of {choices}, got {value!r}")
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring: shown by ``litplug plugins``."""
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def example(cls) -> Plugin:
+        """A small, fast instance for the registry-wide tests (resume, fast_dev_run, DDP).
+
+        Override when the defaults are too slow for a few CPU steps or need arguments.
+        """
+        return cls()
+
+    @classmethod
+    def class_path(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Constructor arguments and their current values (logged to the run config)."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {
+            p: getattr(self, p)
+            for p in params
+            if p != "self" and hasattr(self, p) and params[p].kind is not inspect.Parameter.VAR_KEYWORD
+        }
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a checkpoint (tensors, numbers, strings, lists and dicts only,
+        so checkpoints load with ``weights_only=True``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise CheckpointError(
+                f"plugin '{self.name}' received checkpoint state but does not override load_state_dict"
+            )
+
+    def upgrade_state(self, state: dict[str, Any], from_version: int) -> dict[str, Any]:
+        """Convert state saved by an older ``state_version``; the default refuses."""
+        raise PluginConfigError(
+            self.name,
+            "state_version",
+            f"cannot load state saved with version {from_version} (current {self.state_version})",
+        )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"

@@ -62,6 +62,8 @@ def _find_cycle(after: dict[str, set[str]], remaining: set[str]) -> list[str]:
         node = min(before[node])
     cycle = walk[walk.index(node) :]
     cycle.reverse()
+    start = cycle.index(min(cycle))  # canonical rotation: the message is stable
+    cycle = cycle[start:] + cycle[:start]
     return cycle + [cycle[0]]
 
 

@@ -1,0 +1,144 @@
+"""The ``litplug`` command: LightningCLI with plugin discovery, a plugin listing and results files.
+
+- ``litplug fit|validate|test|predict --config configs/x.yaml``: LightningCLI subcommands; fit and
+  test end by printing the final metrics and writing ``results.json`` in the run directory (and to
+  ``--results_path`` when given). ``--test_after_fit true`` runs the test set after fitting.
+- ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
+  a config, the resolved plugin order.
+- ``--trace-hooks`` (or ``LITPLUG_TRACE_HOOKS=1``): log every hook call with the plugins it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
+
+from litplug.core.discovery import available_plugins, builtin_callbacks
+from litplug.core.errors import LitplugError
+from litplug.core.manager import TRACE_ENV
+from litplug.core.module import LitplugModule
+
+TRACE_FLAG = "--trace-hooks"
+RESULTS_FILE = "results.json"
+
+
+class LitplugCLI(LightningCLI):
+    """LightningCLI for :class:`LitplugModule` with any LightningDataModule (digits by default)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from litplug.core.data import DigitsDataModule
+
+        kwargs.setdefault("model_class", LitplugModule)
+        kwargs.setdefault("datamodule_class", DigitsDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        # litplug's data modules shard their own batches per rank (exact resume needs their sampler).
+        trainer_defaults = {"use_distributed_sampler": False, **kwargs.pop("trainer_defaults", {})}
+        super().__init__(*args, trainer_defaults=trainer_defaults, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--results_path", type=str | None, default=None, help="Also write results JSON here.")
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="Run the test set after fit.")
+
+    def _subcommand_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def after_fit(self) -> None:
+        metrics = _scalars(self.trainer.callback_metrics)
+        if self._subcommand_config().get("test_after_fit"):
+            tested = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            for result in tested:
+                metrics.update(_scalars(result))
+        self._report("fit", metrics)
+
+    def after_test(self) -> None:
+        self._report("test", _scalars(self.trainer.callback_metrics))
+
+    @rank_zero_only
+    def _report(self, stage: str, metrics: dict[str, float]) -> None:
+        print_metrics_table(f"litplug {stage}: final metrics", metrics)
+        model: LitplugModule = self.model
+        results = {
+            "stage": stage,
+            "metrics": metrics,
+            "plugins": model.hooks.order(),
+            "global_step": self.trainer.global_step,
+            "epochs": self.trainer.current_epoch,
+        }
+        paths = []
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if run_dir:
+            paths.append(Path(run_dir) / RESULTS_FILE)
+        extra = self._subcommand_config().get("results_path")
+        if extra:
+            paths.append(Path(extra))
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            print(f"results written to {path}")
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            out[key] = float(value)
+    return dict(sorted(out.items()))
+
+
+def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
+    width = max((len(k) for k in metrics), default=10)
+    rule = "-" * (width + 15)
+    print(f"\n{title}\n{rule}")
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:>12.4f}")
+    print(rule)
+
+
+def list_plugins(config: str | None) -> int:
+    registry = available_plugins()
+    rows = [(info.name, info.package, info.cls.__name__, info.summary) for info in registry.values()]
+    headers = ("name", "package", "class (YAML short name)", "summary")
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(3)]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    print("\ncallbacks: " + ", ".join(f"{c.__module__}.{c.__name__}" for c in builtin_callbacks()))
+    if config:
+        cli = LitplugCLI(run=False, args=["--config", config, "--trainer.logger=false"])
+        print("\nresolved plugin order for " + config + ": " + (" -> ".join(cli.model.hooks.order()) or "(none)"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if TRACE_FLAG in args:
+        args.remove(TRACE_FLAG)
+        os.environ[TRACE_ENV] = "1"
+    try:
+        if args and args[0] == "plugins":
+            config = None
+            if "--config" in args:
+                config = args[args.index("--config") + 1]
+            return list_plugins(config)
+        available_plugins()  # import every plugin so YAML can name them by class name
+        LitplugCLI(args=args)
+    except LitplugError as err:
+        print(f"litplug: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

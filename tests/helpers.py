@@ -1,0 +1,198 @@
+"""Plugins and builders shared by the core tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from litplug.core.hookspecs import hookimpl
+from litplug.core.plugin import Plugin
+
+
+class RecordingPlugin(Plugin):
+    """Records every hook call (Lightning's hook-recording test, for litplug's hooks)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.saw_sample_batch = False
+
+    def _rec(self, hook: str, stage: str | None = None) -> None:
+        self.calls.append(hook if stage is None else f"{hook}:{stage}")
+
+    @hookimpl
+    def litplug_check_setup(self) -> None:
+        self._rec("check_setup")
+
+    @hookimpl
+    def litplug_configure_model(self, model: nn.Module) -> None:
+        self._rec("configure_model")
+
+    @hookimpl
+    def litplug_on_fit_start(self, sample_batch: Any) -> None:
+        self.saw_sample_batch = isinstance(sample_batch, (tuple, list)) and len(sample_batch) == 2
+        self._rec("on_fit_start")
+
+    @hookimpl
+    def litplug_transform_batch(self, stage: str) -> None:
+        self._rec("transform_batch", stage)
+
+    @hookimpl
+    def litplug_compute_loss(self, stage: str) -> None:
+        self._rec("compute_loss", stage)
+
+    @hookimpl
+    def litplug_extra_losses(self, stage: str) -> None:
+        self._rec("extra_losses", stage)
+
+    @hookimpl
+    def litplug_log_probs(self, stage: str) -> None:
+        self._rec("log_probs", stage)
+
+    @hookimpl
+    def litplug_on_after_backward(self) -> None:
+        self._rec("on_after_backward")
+
+    @hookimpl
+    def litplug_on_before_optimizer_step(self) -> None:
+        self._rec("on_before_optimizer_step")
+
+    @hookimpl
+    def litplug_on_train_batch_end(self) -> None:
+        self._rec("on_train_batch_end")
+
+    @hookimpl
+    def litplug_on_train_epoch_end(self) -> None:
+        self._rec("on_train_epoch_end")
+
+    @hookimpl
+    def litplug_on_eval_start(self, stage: str) -> None:
+        self._rec("on_eval_start", stage)
+
+    @hookimpl
+    def litplug_eval_step(self, stage: str) -> None:
+        self._rec("eval_step", stage)
+
+    @hookimpl
+    def litplug_on_eval_end(self, stage: str) -> None:
+        self._rec("on_eval_end", stage)
+
+    @hookimpl
+    def litplug_on_task_start(self, task_id: int) -> None:
+        self._rec("on_task_start", str(task_id))
+
+    @hookimpl
+    def litplug_on_task_end(self, task_id: int) -> None:
+        self._rec("on_task_end", str(task_id))
+
+    @hookimpl
+    def litplug_on_save_checkpoint(self) -> None:
+        self._rec("on_save_checkpoint")
+
+    @hookimpl
+    def litplug_on_load_checkpoint(self) -> None:
+        self._rec("on_load_checkpoint")
+
+    @hookimpl
+    def litplug_on_fit_end(self) -> None:
+        self._rec("on_fit_end")
+
+
+class Named(Plugin):
+    """A plugin whose name and ordering declarations are set per instance (ordering tests)."""
+
+    name = "named"
+
+    def __init__(
+        self,
+        label: str,
+        after: tuple[str, ...] = (),
+        before: tuple[str, ...] = (),
+        conflicts: tuple[str, ...] = (),
+        log: list[str] | None = None,
+    ) -> None:
+        self.name = label  # type: ignore[misc]
+        self.run_after = after
+        self.run_before = before
+        self.conflicts_with = conflicts
+        self.log = log if log is not None else []
+
+    @hookimpl
+    def litplug_transform_batch(self) -> None:
+        self.log.append(f"transform:{self.name}")
+
+    @hookimpl
+    def litplug_on_eval_end(self) -> None:
+        self.log.append(f"eval_end:{self.name}")
+
+
+class CountingPlugin(Plugin):
+    """Keeps a counter and a tensor in its state, adds a tiny named loss term."""
+
+    name = "counter"
+
+    def __init__(self, weight: float = 0.01) -> None:
+        self.check_range("weight", weight, low=0.0)
+        self.weight = weight
+        self.steps = 0
+        self.anchor: torch.Tensor | None = None
+
+    @hookimpl
+    def litplug_extra_losses(self, module: L.LightningModule) -> dict[str, torch.Tensor]:
+        params = torch.cat([p.reshape(-1) for p in module.model.parameters()])
+        if self.anchor is None:
+            self.anchor = params.detach().clone()
+        return {"drift": self.weight * (params - self.anchor).pow(2).sum()}
+
+    @hookimpl
+    def litplug_on_train_batch_end(self) -> None:
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.anchor = state["anchor"]
+
+
+def toy_loaders(n: int = 64, batch_size: int = 16, classes: int = 3) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    data = TensorDataset(x, y)
+    return DataLoader(data, batch_size=batch_size), DataLoader(data, batch_size=batch_size)
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def example_run(plugin: Plugin | None, batch_size: int = 256) -> tuple[nn.Module, L.LightningDataModule]:
+    """A tiny model and datamodule that satisfy ``plugin.requires`` (registry-wide tests)."""
+    from litplug.core.data import DigitsDataModule, StdlibTextDataModule
+    from litplug.core.models import MLP, LSTMClassifier, TransformerLanguageModel
+
+    features = set(plugin.requires) if plugin is not None else set()
+    if "residual_sublayers" in features:
+        data = StdlibTextDataModule(seq_len=16, batch_size=8, num_files=2, max_chars=20_000)
+        return TransformerLanguageModel(data.vocab_size, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32), data
+    if "lstm" in features:
+        return LSTMClassifier(input_size=8, hidden_size=16), DigitsDataModule(batch_size=batch_size, form="rows")
+    model = MLP(input_dim=64, hidden_dims=[32], batch_norm="batchnorm" in features, dropout=0.2)
+    return model, DigitsDataModule(batch_size=batch_size, form="flat")

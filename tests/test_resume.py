@@ -1,0 +1,107 @@
+"""A run killed mid-epoch and resumed from its checkpoint ends with exactly the uninterrupted weights.
+
+Parametrised over the registry (every built-in and installed plugin, every built-in callback), so a
+new plugin is covered the day it is added. Dropout is on, so the random stream must resume too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import example_run, quiet_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from litplug.core.discovery import available_plugins, builtin_callbacks
+from litplug.core.module import LitplugModule
+from litplug.core.plugin import Plugin
+
+TOTAL_STEPS = 8  # 5 batches per epoch at batch 256: crosses an epoch boundary
+KILL_AT = 3  # mid-epoch
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"simulated kill at step {self.step}")
+
+
+PLUGINS = sorted(available_plugins().values(), key=lambda info: info.name)
+CALLBACKS = builtin_callbacks()
+CASES = (
+    [pytest.param(None, None, id="no-plugin")]
+    + [pytest.param(info.cls, None, id=f"plugin-{info.name}") for info in PLUGINS]
+    + [pytest.param(None, cb, id=f"callback-{cb.__name__}") for cb in CALLBACKS]
+)
+
+
+def _run(
+    plugin_cls: type[Plugin] | None,
+    callback_cls: type[Callback] | None,
+    extra_callbacks: list[Callback],
+    ckpt_path: Path | None = None,
+) -> LitplugModule:
+    L.seed_everything(0)
+    plugin = plugin_cls.example() if plugin_cls is not None else None
+    model, data = example_run(plugin)
+    module = LitplugModule(
+        model,
+        plugins=[plugin] if plugin else [],
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    )
+    callbacks = list(extra_callbacks)
+    if callback_cls is not None:
+        callbacks.append(callback_cls.example())  # type: ignore[attr-defined]
+    trainer = quiet_trainer(
+        max_steps=TOTAL_STEPS,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        deterministic=True,
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except Killed:
+        pass
+    return module
+
+
+@pytest.mark.parametrize(("plugin_cls", "callback_cls"), CASES)
+def test_killed_run_resumes_to_identical_weights(plugin_cls, callback_cls, tmp_path: Path) -> None:
+    reference = _run(plugin_cls, callback_cls, [])
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=KILL_AT, save_top_k=-1)
+    _run(plugin_cls, callback_cls, [saver, KillAtStep(KILL_AT + 1)])
+    checkpoint = tmp_path / f"epoch=0-step={KILL_AT}.ckpt"
+    assert checkpoint.exists(), sorted(p.name for p in tmp_path.iterdir())
+    resumed = _run(plugin_cls, callback_cls, [], ckpt_path=checkpoint)
+    expected = reference.state_dict()
+    got = resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+    for ref_plugin, res_plugin in zip(reference.plugins, resumed.plugins):
+        _assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)
+
+
+def _assert_same_state(a: object, b: object, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -1,0 +1,352 @@
+"""Tests of the offline data modules and the exactly-resumable batch sampler."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from litplug.core.data import (
+    AddingTaskDataModule,
+    CopyTaskDataModule,
+    DigitsDataModule,
+    LitplugDataModule,
+    ResumableBatchSampler,
+    StdlibTextDataModule,
+    load_digits_tensors,
+)
+from litplug.core.data.digits import _raw_digits
+from litplug.core.data.text import VOCAB_SIZE, decode, encode, stdlib_python_files
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+# ---------------------------------------------------------------- sampler
+
+
+def _epoch(sampler: ResumableBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_sampler_same_seed_and_epoch_same_order() -> None:
+    a = ResumableBatchSampler(50, 8, seed=3)
+    b = ResumableBatchSampler(50, 8, seed=3)
+    assert _epoch(a, 2) == _epoch(b, 2)
+    assert _epoch(a, 2) != _epoch(a, 3)
+    assert _epoch(a, 2) != _epoch(ResumableBatchSampler(50, 8, seed=4), 2)
+    # Every epoch is a permutation of the data.
+    assert sorted(i for batch in _epoch(a, 5) for i in batch) == list(range(50))
+
+
+def test_sampler_len_and_drop_last() -> None:
+    sampler = ResumableBatchSampler(50, 8, seed=0)
+    batches = list(sampler)
+    assert len(sampler) == len(batches) == 7
+    assert [len(b) for b in batches] == [8] * 6 + [2]
+    dropped = ResumableBatchSampler(50, 8, seed=0, drop_last=True)
+    assert len(dropped) == len(list(dropped)) == 6
+
+
+def test_sampler_no_shuffle_is_sequential() -> None:
+    sampler = ResumableBatchSampler(10, 4, seed=0, shuffle=False)
+    assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("skip", [0, 1, 4, 6, 7, 9])
+def test_skip_batches_continues_exactly(skip: int) -> None:
+    sampler = ResumableBatchSampler(50, 8, seed=1)
+    full = _epoch(sampler, 3)
+    sampler.skip_batches(skip)
+    assert _epoch(sampler, 3) == full[skip:]
+    # Only the next iteration skips.
+    assert _epoch(sampler, 3) == full
+
+
+@pytest.mark.parametrize(("size", "replicas"), [(50, 3), (48, 4), (5, 4), (2, 3)])
+def test_rank_shards_are_disjoint_and_cover(size: int, replicas: int) -> None:
+    shards = []
+    for rank in range(replicas):
+        sampler = ResumableBatchSampler(size, 4, seed=0, num_replicas=replicas, rank=rank)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        shards.append([i for batch in batches for i in batch])
+    # Equal share per rank (padding), so every rank runs the same number of steps.
+    assert len({len(s) for s in shards}) == 1
+    assert (
+        len({len(ResumableBatchSampler(size, 4, 0, num_replicas=replicas, rank=r)) for r in range(replicas)})
+        == 1
+    )
+    everything = [i for s in shards for i in s]
+    assert set(everything) == set(range(size))
+    # Only the padding may repeat an index.
+    assert len(everything) - len(set(everything)) == len(shards[0]) * replicas - size
+    if size % replicas == 0:
+        assert len(everything) == len(set(everything))
+
+
+def test_sampler_does_not_touch_global_rng() -> None:
+    state = torch.get_rng_state()
+    sampler = ResumableBatchSampler(100, 10, seed=0)
+    for epoch in range(3):
+        _epoch(sampler, epoch)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"dataset_size": 10, "batch_size": 0, "seed": 0}, "batch_size"),
+        ({"dataset_size": -1, "batch_size": 2, "seed": 0}, "dataset_size"),
+        ({"dataset_size": 10, "batch_size": 2, "seed": 0, "num_replicas": 0}, "num_replicas"),
+        ({"dataset_size": 10, "batch_size": 2, "seed": 0, "num_replicas": 2, "rank": 2}, "rank"),
+    ],
+)
+def test_sampler_validates_arguments(kwargs: dict[str, int], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ResumableBatchSampler(**kwargs)
+
+
+def test_datamodule_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        DigitsDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.5)
+    with pytest.raises(ValueError, match="form"):
+        DigitsDataModule(form="cube")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------- Lightning mid-epoch resume
+
+
+class _IndexData(LitplugDataModule):
+    """40 examples whose input is their own index, so batches identify themselves."""
+
+    num_classes = 2
+    input_shape = (1,)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        return self.train_loader(TensorDataset(torch.arange(40.0).unsqueeze(1), torch.zeros(40).long()))
+
+
+class _Recorder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.seen.append(batch[0].squeeze(1).long().tolist())
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = None) -> list[list[int]]:
+    model = _Recorder()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, _IndexData(batch_size=8, seed=5), ckpt_path=ckpt_path)
+    return model.seen
+
+
+# Lightning cannot see that the batch sampler resumes itself, so it warns; the test proves it does.
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+def test_lightning_resume_mid_epoch_continues_exactly(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    full = _fit(tmp_path, [checkpoint])
+    assert len(full) == 10  # 5 batches x 2 epochs
+    # Lightning's set_epoch reached the batch sampler: epoch 1 uses its own permutation.
+    expected = ResumableBatchSampler(40, 8, seed=5)
+    assert full[:5] == _epoch(expected, 0) and full[5:] == _epoch(expected, 1)
+    # Mid-epoch 0, end of epoch 0, and mid-epoch 1.
+    for step in (3, 5, 6):
+        resumed = _fit(tmp_path, [], ckpt_path=str(ckpt_dir / f"step={step}.ckpt"))
+        assert resumed == full[step:], f"resume from step {step}"
+
+
+# ---------------------------------------------------------------- digits
+
+
+def test_digits_split_disjoint_stratified_deterministic() -> None:
+    splits = load_digits_tensors(seed=0, val_fraction=0.15, test_fraction=0.15)
+    x_all, y_all = _raw_digits()
+    assert sum(len(y) for _, y in splits.values()) == len(y_all) == 1797
+
+    # The three splits partition the dataset: as multisets of (pixels, label) rows they add up to it.
+    def rows(x: Tensor, y: Tensor) -> Counter[bytes]:
+        return Counter(x[i].numpy().tobytes() + bytes([int(y[i])]) for i in range(len(y)))
+
+    union = sum((rows(x, y) for x, y in splits.values()), Counter())
+    assert union == rows(torch.from_numpy(x_all.copy()), torch.from_numpy(y_all.copy()))
+    assert abs(len(splits["test"][1]) - 0.15 * 1797) <= 1
+    assert abs(len(splits["val"][1]) - 0.15 * 1797) <= 1
+    overall = torch.bincount(torch.from_numpy(y_all.copy()), minlength=10).double() / len(y_all)
+    for _, y in splits.values():
+        share = torch.bincount(y, minlength=10).double() / len(y)
+        assert (share - overall).abs().max() < 0.01
+    again = load_digits_tensors(seed=0, val_fraction=0.15, test_fraction=0.15)
+    other = load_digits_tensors(seed=1, val_fraction=0.15, test_fraction=0.15)
+    for name in splits:
+        assert torch.equal(splits[name][0], again[name][0]) and torch.equal(splits[name][1], again[name][1])
+    assert not torch.equal(splits["test"][1], other["test"][1])
+    assert splits["train"][0].dtype == torch.float32 and splits["train"][1].dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    ("form", "shape"), [("flat", (64,)), ("image", (1, 8, 8)), ("sequence", (64, 1)), ("rows", (8, 8))]
+)
+def test_digits_forms(form: str, shape: tuple[int, ...]) -> None:
+    dm = DigitsDataModule(batch_size=16, form=form)  # type: ignore[arg-type]
+    assert dm.input_shape == shape and dm.num_classes == 10
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert tuple(x.shape) == (16, *shape) and x.dtype == torch.float32
+    assert tuple(y.shape) == (16,) and y.dtype == torch.int64
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    vx, _ = next(iter(dm.val_dataloader()))
+    assert tuple(vx.shape[1:]) == shape
+
+
+def test_digits_forms_are_the_same_pixels() -> None:
+    flat = DigitsDataModule(form="flat")
+    rows = DigitsDataModule(form="rows")
+    flat.setup()
+    rows.setup()
+    x_flat = flat.datasets["test"].tensors[0]
+    x_rows = rows.datasets["test"].tensors[0]
+    assert torch.equal(x_rows.reshape(len(x_rows), 64), x_flat)
+    # Row r of the image is time step r.
+    assert torch.equal(x_rows[:, 2], x_flat[:, 16:24])
+
+
+def test_digits_standard_uses_train_statistics_only() -> None:
+    dm = DigitsDataModule(normalize="standard")
+    dm.setup()
+    train_x = dm.datasets["train"].tensors[0]
+    raw = load_digits_tensors(0, 0.15, 0.15)
+    mean = raw["train"][0].mean(0)
+    std = raw["train"][0].std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    expected_test = (raw["test"][0] - mean) / std
+    assert torch.allclose(dm.datasets["test"].tensors[0], expected_test, atol=1e-5)
+    varying = raw["train"][0].std(0) > 1e-6
+    assert torch.allclose(train_x.mean(0), torch.zeros(64), atol=1e-4)
+    assert torch.allclose(train_x.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-4)
+    # Test statistics differ, so they were not used.
+    assert not torch.allclose(dm.datasets["test"].tensors[0].mean(0), torch.zeros(64), atol=1e-3)
+
+
+def test_train_loader_keeps_global_rng_and_is_seeded() -> None:
+    dm = DigitsDataModule(batch_size=32, seed=7)
+    dm.setup()
+    state = torch.get_rng_state()
+    first = [y for _, y in dm.train_dataloader()]
+    for _ in dm.val_dataloader():
+        pass
+    assert torch.equal(state, torch.get_rng_state())
+    second = [y for _, y in DigitsDataModule(batch_size=32, seed=7).train_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.fixture(scope="module")
+def text_module() -> StdlibTextDataModule:
+    dm = StdlibTextDataModule(seq_len=32, num_files=8, max_chars=60_000, batch_size=4)
+    dm.setup()
+    return dm
+
+
+def test_text_decodes_to_stdlib_source(text_module: StdlibTextDataModule) -> None:
+    assert text_module.num_classes == text_module.vocab_size == VOCAB_SIZE
+    assert text_module.input_shape == (32,)
+    x, y = text_module.datasets["train"][0]
+    assert x.dtype == torch.int64 and x.shape == (32,)
+    snippet = decode(x)
+    # The decoded window is literally in the text, and that text comes from a stdlib file.
+    assert snippet in text_module.text
+    assert any(text_module.text.startswith(head) for head in _stdlib_heads())
+    assert decode(encode("def f(x):\n\treturn x\n")) == "def f(x):\n\treturn x\n"
+    assert decode(encode("é")) == "\ufffd"
+
+
+def _stdlib_heads() -> list[str]:
+    """The first 300 characters of every UTF-8 stdlib file the module may use."""
+    heads = []
+    for path in stdlib_python_files():
+        try:
+            heads.append(path.read_text(encoding="utf-8")[:300])
+        except UnicodeDecodeError:
+            continue
+    return [h for h in heads if len(h) == 300]
+
+
+def test_text_windows_shift_by_one(text_module: StdlibTextDataModule) -> None:
+    inputs, targets = text_module.datasets["train"].tensors
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    # Consecutive windows are contiguous, non-overlapping chunks of seq_len + 1 characters.
+    first = decode(torch.cat([inputs[0], targets[0, -1:]]))
+    second = decode(torch.cat([inputs[1], targets[1, -1:]]))
+    assert first + second == text_module.text[:66]
+    batch_x, batch_y = next(iter(text_module.train_dataloader()))
+    assert batch_x.shape == batch_y.shape == (4, 32)
+
+
+def test_text_selection_is_reproducible() -> None:
+    a = StdlibTextDataModule(seq_len=16, num_files=3, max_chars=20_000, seed=2)
+    b = StdlibTextDataModule(seq_len=16, num_files=3, max_chars=20_000, seed=2)
+    c = StdlibTextDataModule(seq_len=16, num_files=3, max_chars=20_000, seed=3)
+    for dm in (a, b, c):
+        dm.setup()
+    assert a.text == b.text and a.text != c.text
+    assert len(a.text) <= 20_000
+    splits = [len(a.datasets[n]) for n in ("train", "val", "test")]
+    assert splits[0] > splits[1] > 0 and splits[2] > 0
+    assert not any("/test/" in p.as_posix() or "idlelib" in p.as_posix() for p in stdlib_python_files())
+
+
+# ---------------------------------------------------------------- generated tasks
+
+
+def test_copy_task_targets() -> None:
+    dm = CopyTaskDataModule(num_train=50, num_val=10, num_test=10, seq_len=5, num_symbols=4, batch_size=8)
+    dm.setup()
+    assert dm.input_shape == (11,) and dm.num_classes == dm.vocab_size == 6
+    x, y = dm.datasets["train"].tensors
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (50, 11)
+    assert torch.equal(y[:, 6:], x[:, :5])  # the symbols, copied after the delimiter
+    assert bool((y[:, :6] == -100).all())
+    assert bool((x[:, 5] == 1).all()) and bool((x[:, 6:] == 0).all())
+    assert bool((x[:, :5] >= 2).all()) and bool((x[:, :5] < 6).all())
+    again = CopyTaskDataModule(num_train=50, num_val=10, num_test=10, seq_len=5, num_symbols=4)
+    again.setup()
+    assert torch.equal(again.datasets["test"].tensors[0], dm.datasets["test"].tensors[0])
+    assert not torch.equal(dm.datasets["val"].tensors[0], dm.datasets["test"].tensors[0])
+
+
+def test_adding_task_targets() -> None:
+    dm = AddingTaskDataModule(num_train=64, num_val=8, num_test=8, seq_len=20, batch_size=16)
+    assert dm.num_classes == 0 and dm.input_shape == (20, 2)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 20, 2) and y.shape == (16, 1) and y.dtype == torch.float32
+    markers = x[..., 1]
+    assert torch.equal(markers.sum(1), torch.full((16,), 2.0))
+    assert bool((markers[:, :10].sum(1) == 1).all()) and bool((markers[:, 10:].sum(1) == 1).all())
+    assert torch.allclose((x[..., 0] * markers).sum(1, keepdim=True), y)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
-
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import LitplugError
 from litplug.core.manager import TRACE_ENV
@@ -42,12 +41,16 @@ class LitplugCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the module's optimizer argument does it
         # litplug's data modules shard their own batches per rank (exact resume needs their sampler).
         trainer_defaults = {"use_distributed_sampler": False, **kwargs.pop("trainer_defaults", {})}
         super().__init__(*args, trainer_defaults=trainer_defaults, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument("--results_path", type=str | None, default=None, help="Also write results JSON here.")
+        parser.set_defaults({"data": {"class_path": "litplug.core.data.DigitsDataModule"}})
+        parser.add_argument(
+            "--results_path", type=str | None, default=None, help="Also write results JSON here."
+        )
         parser.add_argument("--test_after_fit", type=bool, default=False, help="Run the test set after fit.")
 
     def _subcommand_config(self) -> Any:
@@ -113,11 +116,16 @@ def list_plugins(config: str | None) -> int:
     headers = ("name", "package", "class (YAML short name)", "summary")
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(3)]
     for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     print("\ncallbacks: " + ", ".join(f"{c.__module__}.{c.__name__}" for c in builtin_callbacks()))
     if config:
         cli = LitplugCLI(run=False, args=["--config", config, "--trainer.logger=false"])
-        print("\nresolved plugin order for " + config + ": " + (" -> ".join(cli.model.hooks.order()) or "(none)"))
+        print(
+            "\nresolved plugin order for "
+            + config
+            + ": "
+            + (" -> ".join(cli.model.hooks.order()) or "(none)")
+        )
     return 0
 
 
@@ -134,10 +142,22 @@ def main(argv: list[str] | None = None) -> int:
             return list_plugins(config)
         available_plugins()  # import every plugin so YAML can name them by class name
         LitplugCLI(args=args)
-    except LitplugError as err:
-        print(f"litplug: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _litplug_cause(err)
+        if cause is None:
+            raise
+        print(f"litplug: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _litplug_cause(err: BaseException | None) -> LitplugError | None:
+    """The LitplugError behind ``err``; jsonargparse wraps errors raised while instantiating."""
+    while err is not None:
+        if isinstance(err, LitplugError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

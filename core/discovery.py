@@ -18,7 +18,6 @@ from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
 
 from lightning.pytorch.callbacks import Callback
-
 from litplug.core.errors import PluginLoadError
 from litplug.core.plugin import Plugin
 

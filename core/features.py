@@ -47,7 +47,9 @@ register_model_feature(
 register_model_feature("lstm", _has(nn.LSTM), "at least one torch.nn.LSTM layer")
 register_model_feature(
     "residual_sublayers",
-    lambda model: callable(getattr(model, "residual_sublayers", None)) and len(model.residual_sublayers()) > 0,
+    lambda model: (
+        callable(getattr(model, "residual_sublayers", None)) and len(model.residual_sublayers()) > 0
+    ),
     "a `residual_sublayers()` method returning the model's post-LN residual sub-layers "
     "(see litplug.core.models.transformer.ResidualSublayer)",
 )

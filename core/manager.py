@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-
 from litplug.core import hookspecs
 from litplug.core.errors import HookError, PluginSetupError
 from litplug.core.ordering import resolve_order
@@ -142,7 +141,9 @@ class PluginHooks:
     # -- batches ----------------------------------------------------------------------------------
 
     def transform_batch(self, module: LightningModule, batch: Any, stage: str) -> Any:
-        return self._chain("litplug_transform_batch", "batch", {"module": module, "batch": batch, "stage": stage})
+        return self._chain(
+            "litplug_transform_batch", "batch", {"module": module, "batch": batch, "stage": stage}
+        )
 
     def compute_loss(
         self, module: LightningModule, outputs: Any, targets: Tensor, batch: Any, stage: str

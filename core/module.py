@@ -16,13 +16,12 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from litplug.core.errors import CheckpointError, PluginSetupError
 from litplug.core.features import get_model_feature
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
+from torch import Tensor, nn
 
 try:  # Lightning stores the CLI's plain config instead of objects when this is set.
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -180,7 +179,9 @@ class LitplugModule(L.LightningModule):
         raise TypeError(f"litplug expects batches as (inputs, targets) pairs, got {type(batch).__name__}")
 
     def main_loss(self, outputs: Any, targets: Tensor, batch: Any, stage: str) -> Tensor:
-        replaced = self.hooks.compute_loss(module=self, outputs=outputs, targets=targets, batch=batch, stage=stage)
+        replaced = self.hooks.compute_loss(
+            module=self, outputs=outputs, targets=targets, batch=batch, stage=stage
+        )
         if replaced is not None:
             return replaced
         if self.loss_fn is not None:
@@ -206,7 +207,9 @@ class LitplugModule(L.LightningModule):
         inputs, targets = self.split_batch(batch)
         outputs = self(inputs)
         loss = self.main_loss(outputs, targets, batch, "train")
-        extras = self.hooks.extra_losses(module=self, outputs=outputs, targets=targets, batch=batch, stage="train")
+        extras = self.hooks.extra_losses(
+            module=self, outputs=outputs, targets=targets, batch=batch, stage="train"
+        )
         total = loss + sum(extras.values()) if extras else loss
         batch_size = _batch_size(targets)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
@@ -347,7 +350,10 @@ def _batch_size(targets: Tensor) -> int:
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameters as loggable primitives (objects become their repr)."""
-    return {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v) for k, v in values.items()}
+    return {
+        k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
+        for k, v in values.items()
+    }
 
 
 def _get_rng_state() -> dict[str, Any]:

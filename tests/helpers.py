@@ -6,11 +6,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class RecordingPlugin(Plugin):
@@ -191,8 +190,12 @@ def example_run(plugin: Plugin | None, batch_size: int = 256) -> tuple[nn.Module
     features = set(plugin.requires) if plugin is not None else set()
     if "residual_sublayers" in features:
         data = StdlibTextDataModule(seq_len=16, batch_size=8, num_files=2, max_chars=20_000)
-        return TransformerLanguageModel(data.vocab_size, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32), data
+        return TransformerLanguageModel(
+            data.vocab_size, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32
+        ), data
     if "lstm" in features:
-        return LSTMClassifier(input_size=8, hidden_size=16), DigitsDataModule(batch_size=batch_size, form="rows")
+        return LSTMClassifier(input_size=8, hidden_size=16), DigitsDataModule(
+            batch_size=batch_size, form="rows"
+        )
     model = MLP(input_dim=64, hidden_dims=[32], batch_norm="batchnorm" in features, dropout=0.2)
     return model, DigitsDataModule(batch_size=batch_size, form="flat")

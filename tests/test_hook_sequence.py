@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from helpers import RecordingPlugin, quiet_trainer, toy_loaders
-from torch import nn
-
 from litplug.core.module import LitplugModule
+from torch import nn
 
 
 def _module(recorder: RecordingPlugin) -> LitplugModule:

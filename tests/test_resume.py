@@ -13,7 +13,6 @@ import pytest
 import torch
 from helpers import example_run, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
@@ -88,7 +87,7 @@ def test_killed_run_resumes_to_identical_weights(plugin_cls, callback_cls, tmp_p
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
-    for ref_plugin, res_plugin in zip(reference.plugins, resumed.plugins):
+    for ref_plugin, res_plugin in zip(reference.plugins, resumed.plugins, strict=True):
         _assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)
 
 
@@ -101,7 +100,7 @@ def _assert_same_state(a: object, b: object, where: str) -> None:
             _assert_same_state(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where

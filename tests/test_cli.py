@@ -1,0 +1,96 @@
+"""The `litplug` command: results files, plugin listing, hook tracing and bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from litplug.core.cli import main
+
+MLP = "    class_path: litplug.core.models.MLP\n    init_args: {hidden_dims: [16]}\n"
+TRAINER = "trainer:\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # runs without a logger write results.json to the working directory
+
+
+def _exit_code(args: list[str]) -> int | str | None:
+    """``main``'s return value, or the code of the SystemExit a parse error raises."""
+    try:
+        return main(args)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def _config(tmp_path: Path, plugins: str = "[]", extra: str = "") -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"model:\n  model:\n{MLP}  plugins: {plugins}\n{TRAINER}{extra}")
+    return str(path)
+
+
+def test_fit_prints_metrics_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "out" / "results.json"
+    config = _config(
+        tmp_path, extra=f"  default_root_dir: {tmp_path}\n  max_steps: 3\n  limit_val_batches: 2\n"
+    )
+    code = main(["fit", "--config", config, "--results_path", str(results), "--test_after_fit", "true"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "litplug fit: final metrics" in printed and "test/acc" in printed
+    saved = json.loads(results.read_text())
+    assert saved["global_step"] == 3
+    assert 0.0 <= saved["metrics"]["test/acc"] <= 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"] == saved["metrics"]
+
+
+def test_plugins_command_lists_plugins_and_resolved_order(tmp_path: Path, capsys) -> None:
+    plugins = "\n    - class_path: helpers.CountingPlugin\n"
+    assert main(["plugins", "--config", _config(tmp_path, plugins)]) == 0
+    out = capsys.readouterr().out
+    assert "name" in out and "summary" in out and "litplug.callbacks.warmup" in out
+    assert "resolved plugin order" in out and ": counter" in out
+
+
+def test_trace_hooks_flag_logs_hook_calls_with_plugins(tmp_path: Path, capfd, monkeypatch) -> None:
+    monkeypatch.setenv("LITPLUG_TRACE_HOOKS", "0")  # main() turns it on; monkeypatch restores it
+    plugins = "\n    - class_path: helpers.CountingPlugin\n"
+    config = _config(tmp_path, plugins, extra="  fast_dev_run: true\n")
+    assert main(["fit", "--trace-hooks", "--config", config]) == 0
+    err = capfd.readouterr().err
+    assert "[litplug.hooks] litplug_extra_losses -> counter" in err
+    assert "[litplug.hooks] litplug_configure_model -> (no plugin)" in err
+
+
+@pytest.mark.parametrize(
+    ("plugins", "expected"),
+    [
+        ("\n    - class_path: NoSuchPlugin\n", "NoSuchPlugin"),
+        ("\n    - class_path: helpers.CountingPlugin\n      init_args: {weight: abc}\n", 'key "weight"'),
+        (
+            "\n    - class_path: helpers.CountingPlugin\n      init_args: {weight: -1.0}\n",
+            "plugin 'counter': argument 'weight' must be in [0, inf], got -1.0",
+        ),
+        ("\n    - class_path: helpers.CountingPlugin\n      init_args: {wieght: 1.0}\n", "wieght"),
+    ],
+    ids=["unknown-plugin", "wrong-type", "out-of-range", "misspelled-argument"],
+)
+def test_bad_configs_fail_before_training_with_a_clear_message(
+    tmp_path: Path, capfd, plugins, expected
+) -> None:
+    config = _config(tmp_path, plugins, extra="  fast_dev_run: true\n")
+    assert _exit_code(["fit", "--config", config]) != 0
+    captured = capfd.readouterr()
+    assert expected in captured.err
+    assert "Epoch 0" not in captured.out + captured.err
+
+
+def test_conflicting_plugins_fail_before_training(tmp_path: Path, capfd) -> None:
+    plugins = (
+        "\n    - class_path: helpers.Named\n      init_args: {label: a, conflicts: [b]}"
+        "\n    - class_path: helpers.Named\n      init_args: {label: b}\n"
+    )
+    assert main(["fit", "--config", _config(tmp_path, plugins, extra="  fast_dev_run: true\n")]) == 2
+    assert "plugin 'a' conflicts with plugin 'b'" in capfd.readouterr().err

@@ -1,0 +1,43 @@
+"""Every config in configs/ runs (one batch of each loop, `--trainer.fast_dev_run=true`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from litplug.core.cli import main
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_quickstart_config() -> None:
+    assert any(c.name == "quickstart.yaml" for c in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_runs_with_fast_dev_run(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # configs write under runs/ relative to the working directory
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    code = main(
+        ["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]
+    )
+    assert code == 0
+
+
+def test_wandb_config_writes_an_offline_run_with_the_plugin_order(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    config = Path(__file__).resolve().parent.parent / "configs" / "wandb.yaml"
+    assert (
+        main(["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"])
+        == 0
+    )
+    import wandb
+
+    wandb.finish()  # flush the offline run (a CLI process does this at exit)
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no offline W&B run directory was written"
+    records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))  # the offline run's log
+    assert b"litplug/plugin_order" in records

@@ -88,6 +88,13 @@ class Plugin:
         return cls()
 
     @classmethod
+    def example_setup(cls) -> tuple[Any, Any] | None:
+        """``(model, datamodule)`` for the registry-wide tests, or ``None`` to let the tests pick a
+        small model with the features in ``requires`` on digits. Override when the plugin needs a
+        particular architecture or data (task sequences, named layers)."""
+        return None
+
+    @classmethod
     def class_path(cls) -> str:
         return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -187,6 +187,9 @@ def example_run(plugin: Plugin | None, batch_size: int = 256) -> tuple[nn.Module
     from litplug.core.data import DigitsDataModule, StdlibTextDataModule
     from litplug.core.models import MLP, LSTMClassifier, TransformerLanguageModel
 
+    custom = type(plugin).example_setup() if plugin is not None else None
+    if custom is not None:
+        return custom
     features = set(plugin.requires) if plugin is not None else set()
     if "residual_sublayers" in features:
         data = StdlibTextDataModule(seq_len=16, batch_size=8, num_files=2, max_chars=20_000)

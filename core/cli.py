@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,8 @@ class LitplugCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", SaveConfigCallback)
         kwargs.setdefault("auto_configure_optimizers", False)  # the module's optimizer argument does it
         # litplug's data modules shard their own batches per rank (exact resume needs their sampler).
-        trainer_defaults = {"use_distributed_sampler": False, **kwargs.pop("trainer_defaults", {})}
-        super().__init__(*args, trainer_defaults=trainer_defaults, **kwargs)
+        kwargs["trainer_defaults"] = {"use_distributed_sampler": False, **kwargs.get("trainer_defaults", {})}
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"data": {"class_path": "litplug.core.data.DigitsDataModule"}})
@@ -91,7 +92,7 @@ class LitplugCLI(LightningCLI):
             print(f"results written to {path}")
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -16,6 +16,7 @@ import pkgutil
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
+from typing import TypeVar
 
 from lightning.pytorch.callbacks import Callback
 from litplug.core.errors import PluginLoadError
@@ -41,7 +42,10 @@ def autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _exported(module: ModuleType, base: type) -> list[type]:
+T = TypeVar("T")
+
+
+def _exported(module: ModuleType, base: type[T]) -> list[type[T]]:
     names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
     found = []
     for name in names:

@@ -45,11 +45,16 @@ register_model_feature(
     "at least one BatchNorm1d/2d/3d layer",
 )
 register_model_feature("lstm", _has(nn.LSTM), "at least one torch.nn.LSTM layer")
+
+
+def _has_residual_sublayers(model: nn.Module) -> bool:
+    sublayers = getattr(model, "residual_sublayers", None)
+    return callable(sublayers) and len(sublayers()) > 0
+
+
 register_model_feature(
     "residual_sublayers",
-    lambda model: (
-        callable(getattr(model, "residual_sublayers", None)) and len(model.residual_sublayers()) > 0
-    ),
+    _has_residual_sublayers,
     "a `residual_sublayers()` method returning the model's post-LN residual sub-layers "
     "(see litplug.core.models.transformer.ResidualSublayer)",
 )

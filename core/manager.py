@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -77,7 +77,9 @@ class PluginHooks:
 
     # -- tracing ----------------------------------------------------------------------------------
 
-    def _before_pluggy_call(self, hook_name: str, impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    def _before_pluggy_call(
+        self, hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+    ) -> None:
         self.trace_sink(hook_name, [impl.plugin_name for impl in reversed(impls)])
 
     def order(self) -> list[str]:

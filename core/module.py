@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import lightning as L
@@ -23,6 +24,7 @@ from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
 from torch import Tensor, nn
 
+_given_hyperparameters: ContextVar[Any] | None
 try:  # Lightning stores the CLI's plain config instead of objects when this is set.
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older/newer Lightning without the context variable
@@ -135,7 +137,8 @@ class LitplugModule(L.LightningModule):
             return
         num_classes = self.num_classes
         if num_classes is None:
-            num_classes = getattr(trainer.datamodule, "num_classes", None) if trainer.datamodule else None
+            datamodule = getattr(trainer, "datamodule", None)
+            num_classes = getattr(datamodule, "num_classes", None) if datamodule is not None else None
         self.num_classes = num_classes
         if num_classes:
             for stage in ("train", *EVAL_STAGES):
@@ -257,7 +260,7 @@ class LitplugModule(L.LightningModule):
         return loss
 
     def _update_metrics(self, stage: str, log_probs: Tensor, targets: Tensor) -> None:
-        metrics = self.metrics[f"{stage}_metrics"]
+        metrics: ClassificationMetrics = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
         metrics.update(log_probs, targets)
         for name, metric in metrics.metrics().items():
             self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "acc")
@@ -357,11 +360,12 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _get_rng_state() -> dict[str, Any]:
+    numpy_state: tuple[Any, ...] = np.random.get_state()  # type: ignore[assignment]
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

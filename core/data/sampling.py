@@ -176,7 +176,7 @@ class LitplugDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
         # A checkpoint saved in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) has
         # `completed` one behind: that batch was processed but Lightning counts it completed only
         # after the save. `processed` counts every batch whose training step finished.

@@ -350,3 +350,17 @@ def test_adding_task_targets() -> None:
     assert torch.equal(markers.sum(1), torch.full((16,), 2.0))
     assert bool((markers[:, :10].sum(1) == 1).all()) and bool((markers[:, 10:].sum(1) == 1).all())
     assert torch.allclose((x[..., 0] * markers).sum(1, keepdim=True), y)
+
+
+@pytest.mark.parametrize("dataset_size", [100, 101, 37])
+def test_ranks_together_see_the_single_device_batches(dataset_size: int) -> None:
+    """Step k on R ranks with batch b covers exactly step k of one device with batch R * b."""
+    single = list(ResumableBatchSampler(dataset_size, batch_size=10, seed=3))
+    ranks = [
+        list(ResumableBatchSampler(dataset_size, batch_size=5, seed=3, num_replicas=2, rank=r))
+        for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1])
+    for step, (first, second) in enumerate(zip(*ranks, strict=True)):
+        if dataset_size % 2 == 0 or step < len(single) - 1:  # odd sizes pad the final batch
+            assert first + second == single[step]

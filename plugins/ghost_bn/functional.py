@@ -1,0 +1,269 @@
+"""Ghost batch normalisation in pure torch (Hoffer et al. 2017): no Lightning import.
+
+During training a batch of ``B`` examples is split into *ghost batches* of ``g`` examples and each is
+normalised with its own mean and variance, which restores the noise of small-batch BatchNorm inside a
+large batch. Evaluation uses running statistics exactly like ``BatchNorm``.
+
+Speed: the ghost dimension is folded into the channel dimension so ONE fused ``F.batch_norm`` call
+normalises every ghost batch (no Python loop over chunks). Ghost batch ``k`` of ``m`` equal ghost
+batches holds the examples ``k, k + m, k + 2m, ...`` (a strided partition): with that assignment
+``[m * g, C, *S] -> [g, m * C, *S]`` is a free ``view``, whereas contiguous chunks need a transpose
+copy of the activations forwards and backwards (measured 1.5-2x slower on CPU). Which examples share a
+ghost batch is irrelevant for shuffled batches and, for sorted data, a strided partition mixes
+classes better than contiguous chunks. The affine parameters are fed to the same fused call as
+``weight.repeat(m)`` (their gradient is summed back over the ``m`` copies by autograd): applying them
+afterwards with a broadcast multiply-add costs an extra pass forwards and a slow broadcast reduction
+backwards.
+
+Uneven batches (``B % g = r != 0``): ``B // g`` equal ghost batches are normalised in the folded
+call and the last examples form one tail ghost batch normalised by a second call. A remainder larger
+than ``g / 2`` is its own ghost batch; a remainder of at most ``g / 2`` joins the last full ghost
+batch (tail of ``g + r`` examples), so every ghost batch has between ``g / 2`` and ``1.5 g`` examples
+and at least 2 (a single example has no variance; BatchNorm1d would raise).
+
+Running statistics: ONE update per forward pass, like BatchNorm, with the layer's momentum applied
+to the pooled ghost statistics::
+
+    running_mean <- (1 - momentum) * running_mean + momentum * mean_over_ghosts(mean_k)
+    running_var  <- (1 - momentum) * running_var  + momentum * pooled_over_ghosts(var_k)
+
+``mean_k`` weighted by each ghost batch's size (so it equals the whole batch's mean) and ``var_k``
+the unbiased per-ghost variance, pooled with weights ``n_k - 1`` (``n_k`` values per channel), i.e.
+the unbiased within-ghost variance; equal ghost batches make both plain averages. Why not
+Composer's ``momentum / num_ghost_batches`` applied once per ghost batch: that makes the running
+statistics' time constant depend on ``g`` only approximately and needs one sequential update per
+ghost batch; the rule above keeps BatchNorm's time constant in steps for every ``g``, is one
+vectorised update, and reduces exactly to BatchNorm when ``g >= B``. The running variance estimates
+the variance *within* a ghost batch, which is what the layer divides by during training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_batch_sizes"]
+
+
+def ghost_batch_sizes(batch_size: int, ghost_batch_size: int) -> tuple[int, int, int]:
+    """How a batch splits: ``(num_equal, ghost_batch_size, tail_size)`` (see the module docstring).
+
+    ``num_equal`` ghost batches of exactly ``ghost_batch_size`` examples come first; ``tail_size``
+    (possibly 0) examples at the end form one more ghost batch. A batch of at most
+    ``ghost_batch_size`` examples (or up to 1.5x that) is a single ghost batch: ``(0, g, B)``.
+    """
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}")
+    num_equal, rest = divmod(batch_size, ghost_batch_size)
+    if (
+        num_equal and rest and 2 * rest <= ghost_batch_size
+    ):  # a small remainder joins the last full ghost batch
+        num_equal -= 1
+        rest += ghost_batch_size
+    return num_equal, ghost_batch_size, rest
+
+
+def _fold(x: Tensor, num_ghosts: int) -> Tensor:
+    """``[m * g, C, *S] -> [g, m * C, *S]``: ghost ``k`` (rows ``k, k+m, ...``) becomes channels ``k*C:(k+1)*C``.
+
+    A free view for contiguous inputs; ``reshape`` copies only for other layouts (channels_last).
+    """
+    ghost = x.shape[0] // num_ghosts
+    return x.reshape(ghost, num_ghosts * x.shape[1], *x.shape[2:])
+
+
+def _normalise(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_ghosts: int,
+    eps: float,
+    stats_like: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Normalise ``num_ghosts`` equal ghost batches of ``x`` in one fused call.
+
+    Returns the output (shape of ``x``) and, when ``stats_like`` is given, the per-ghost mean and
+    unbiased variance as ``[num_ghosts, C]``: the fused kernel writes them into zero "running" buffers
+    updated with momentum 1, which costs nothing extra (no second pass over the activations).
+    """
+    channels = x.shape[1]
+    folded = _fold(x, num_ghosts) if num_ghosts > 1 else x
+    w = weight.repeat(num_ghosts) if weight is not None and num_ghosts > 1 else weight
+    b = bias.repeat(num_ghosts) if bias is not None and num_ghosts > 1 else bias
+    mean = var = None
+    if stats_like is not None:
+        mean = stats_like.new_zeros(num_ghosts * channels)
+        var = stats_like.new_zeros(num_ghosts * channels)
+    out = F.batch_norm(folded, mean, var, w, b, True, 1.0, eps)
+    if mean is None or var is None:
+        return out.reshape(x.shape), None, None
+    return out.reshape(x.shape), mean.view(num_ghosts, channels), var.view(num_ghosts, channels)
+
+
+@torch.no_grad()
+def _update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    sizes: list[int],
+    values_per_example: int,
+    momentum: float,
+) -> None:
+    """Fold the pooled ghost statistics into the running ones (rule in the module docstring)."""
+    counts = torch.tensor(sizes, dtype=means.dtype, device=means.device)
+    if len(set(sizes)) == 1:  # equal ghost batches: plain averages (the common, exact-to-BN case)
+        mean, var = means.mean(0), variances.mean(0)
+    else:
+        mean = (counts[:, None] * means).sum(0) / counts.sum()
+        dof = counts * values_per_example - 1
+        var = (dof[:, None] * variances).sum(0) / dof.sum()
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(var.to(running_var.dtype), momentum)
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    ghost_batch_size: int,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    training: bool = True,
+) -> Tensor:
+    """Ghost batch norm of ``x`` ``[B, C, *S]``; the arguments mirror ``F.batch_norm``.
+
+    ``training=False`` is ``F.batch_norm`` with the running statistics. ``training=True`` normalises
+    each ghost batch with its own statistics and, when running buffers are given, updates them once
+    (see the module docstring). ``B <= ghost_batch_size`` is exactly ``F.batch_norm``. ``momentum``
+    is the update factor (``BatchNorm``'s cumulative ``momentum=None`` is handled by
+    :class:`GhostBatchNorm`, which passes ``1 / num_batches_tracked``).
+    """
+    if momentum is None:
+        raise ValueError(
+            "ghost_batch_norm: momentum must be a float; for BatchNorm's cumulative average "
+            "(momentum=None) use the GhostBatchNorm module or pass 1 / num_batches_tracked"
+        )
+    if ghost_batch_size < 2:
+        raise ValueError(f"ghost_batch_norm: ghost_batch_size must be >= 2, got {ghost_batch_size}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("ghost_batch_norm: pass both running_mean and running_var, or neither")
+    num_equal, ghost, tail = ghost_batch_sizes(x.shape[0], ghost_batch_size)
+    single_ghost = num_equal == 0 or (num_equal == 1 and tail == 0)
+    if not training or single_ghost:  # exactly BatchNorm (eval, or one ghost batch = the batch)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    head_len = num_equal * ghost
+    head = x[:head_len] if tail else x
+    out, means, variances = _normalise(head, weight, bias, num_equal, eps, running_mean)
+    sizes = [ghost] * num_equal
+    if tail:
+        tail_out, tail_mean, tail_var = _normalise(x[head_len:], weight, bias, 1, eps, running_mean)
+        out = torch.cat([out, tail_out])
+        if means is not None and variances is not None and tail_mean is not None and tail_var is not None:
+            means, variances = torch.cat([means, tail_mean]), torch.cat([variances, tail_var])
+            sizes.append(tail)
+    if running_mean is not None and running_var is not None and means is not None and variances is not None:
+        values_per_example = math.prod(x.shape[2:])
+        _update_running(running_mean, running_var, means, variances, sizes, values_per_example, momentum)
+    return out
+
+
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over ghost batches of ``ghost_batch_size`` examples in training; plain BN in eval.
+
+    Works for 1d, 2d and 3d inputs (one implementation); build it from an existing layer with
+    :meth:`from_batchnorm`. It subclasses ``torch.nn.modules.batchnorm._BatchNorm``, so parameters
+    and buffers have BatchNorm's names (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``), state_dicts load either way, and BatchNorm-aware tools (e.g.
+    ``torch.optim.swa_utils.update_bn``, "no weight decay on norm layers" filters) treat it as BN.
+
+    Args:
+        num_features: channels ``C``.
+        ghost_batch_size: examples per ghost batch (>= 2).
+        eps, momentum, affine, track_running_stats: as in ``torch.nn.BatchNorm2d``
+            (``momentum=None`` is the cumulative average). Without running statistics the layer
+            normalises with ghost statistics in eval too, as BatchNorm uses batch statistics then.
+        input_dims: accepted ``x.dim()`` values (BatchNorm1d: (2, 3), 2d: (4,), 3d: (5,)).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        input_dims: tuple[int, ...] = (2, 3, 4, 5),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if ghost_batch_size < 2:
+            raise ValueError(f"GhostBatchNorm: ghost_batch_size must be >= 2, got {ghost_batch_size}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.ghost_batch_size = ghost_batch_size
+        self.input_dims = input_dims
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, ghost_batch_size: int) -> GhostBatchNorm:
+        """A ghost layer with ``bn``'s hyperparameters, sharing its parameter and buffer tensors.
+
+        The tensors are shared, not copied, so an optimizer built before the swap (or a caller
+        holding references) keeps seeing the live affine parameters.
+        """
+        input_dims = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}.get(
+            type(bn), (2, 3, 4, 5)
+        )
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        ghost = cls(
+            bn.num_features,
+            ghost_batch_size,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+            input_dims=input_dims,
+            device=ref.device if ref is not None else None,
+            dtype=ref.dtype if ref is not None else None,
+        )
+        # Reuse the very Parameter / buffer objects: same names, same values, same identities.
+        for name, param in bn.named_parameters(recurse=False):
+            setattr(ghost, name, param)
+        for name, buf in bn.named_buffers(recurse=False):
+            ghost.register_buffer(name, buf)
+        ghost.train(bn.training)
+        return ghost
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self.input_dims:
+            raise ValueError(f"GhostBatchNorm: expected {self.input_dims}-D input, got {input.dim()}-D")
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Mirror of ``_BatchNorm.forward`` with the normalisation swapped for :func:`ghost_batch_norm`."""
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return ghost_batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            self.ghost_batch_size,
+            factor,
+            self.eps,
+            use_batch_stats,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"

@@ -1,0 +1,25 @@
+"""Admin initialisation for post-LN transformers (Liu et al. 2020)."""
+
+from .functional import (
+    AdminModelError,
+    ProfileResult,
+    add_residual_scales,
+    closed_form_omega,
+    fill_residual_scales,
+    post_ln_sublayers,
+    profile_omegas,
+    residual_scales,
+)
+from .plugin import Admin
+
+__all__ = [
+    "Admin",
+    "AdminModelError",
+    "ProfileResult",
+    "add_residual_scales",
+    "closed_form_omega",
+    "fill_residual_scales",
+    "post_ln_sublayers",
+    "profile_omegas",
+    "residual_scales",
+]

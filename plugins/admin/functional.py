@@ -1,0 +1,246 @@
+"""Admin initialisation (Liu et al. 2020) in pure torch: find, scale and profile post-LN sub-layers.
+
+A post-LN residual sub-layer computes ``x_i = LN(omega_i * x_{i-1} + f_i(x_{i-1}))``. Admin sets
+``omega_i`` so that the skip path grows with the variance accumulated by the earlier branches, which
+keeps a deep post-LN stack from depending too heavily on its residual branches early in training.
+
+Residual sub-layer protocol (what a model must offer, see
+:class:`litplug.core.models.transformer.ResidualSublayer`): ``model.residual_sublayers()`` returns the
+sub-layers in forward order; each has ``branch`` (``f_i``, called by the sub-layer's forward on the
+sub-layer's input), ``norm`` (its LayerNorm), ``norm_position`` (``"post"`` or ``"pre"``) and a
+registered parameter slot ``residual_scale`` (None until Admin assigns an ``nn.Parameter``).
+Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AdminModelError",
+    "ProfileResult",
+    "add_residual_scales",
+    "closed_form_omega",
+    "fill_residual_scales",
+    "post_ln_sublayers",
+    "profile_omegas",
+    "residual_scales",
+]
+
+
+class AdminModelError(ValueError):
+    """The model does not follow the residual sub-layer protocol Admin needs."""
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """What one profiling pass measured, per post-LN sub-layer in forward order.
+
+    ``omegas[i]`` is the scalar given to sub-layer ``i``; ``input_variances[i]`` is
+    ``Var[omega_i * x_{i-1}]`` and ``branch_variances[i]`` is ``Var[f_i(x_{i-1})]``.
+    """
+
+    omegas: list[float]
+    input_variances: list[float]
+    branch_variances: list[float]
+
+
+def closed_form_omega(num_sublayers: int) -> float:
+    """admin-torch's profiling-free value ``sqrt((N + 1) / ln(N + 1) - 1)`` for ``N`` residual sub-layers.
+
+    The same omega for every sub-layer; it does not depend on the batch, so it is the choice for very
+    large batches where the profiled variances misbehave.
+    """
+    if num_sublayers < 1:
+        raise ValueError(f"num_sublayers must be >= 1, got {num_sublayers}")
+    n1 = num_sublayers + 1
+    return math.sqrt(n1 / math.log(n1) - 1.0)
+
+
+def post_ln_sublayers(model: nn.Module) -> list[nn.Module]:
+    """The model's post-LN residual sub-layers in forward order (pre-LN ones are left out).
+
+    Raises :class:`AdminModelError` when the model has no ``residual_sublayers()`` method, a sub-layer
+    misses part of the protocol, or no sub-layer is post-LN (Admin only applies to post-LN).
+    """
+    getter = getattr(model, "residual_sublayers", None)
+    if not callable(getter):
+        raise AdminModelError(
+            f"{type(model).__name__} has no residual_sublayers() method; Admin needs the residual "
+            "sub-layer protocol (see litplug.core.models.transformer.ResidualSublayer)"
+        )
+    sublayers = list(getter())
+    for index, sublayer in enumerate(sublayers):
+        missing = [
+            a for a in ("branch", "norm", "norm_position", "residual_scale") if not hasattr(sublayer, a)
+        ]
+        if missing:
+            raise AdminModelError(
+                f"residual sub-layer {index} ({type(sublayer).__name__}) lacks {missing} of the residual "
+                "sub-layer protocol (branch, norm, norm_position, residual_scale)"
+            )
+    post = [s for s in sublayers if s.norm_position == "post"]
+    if not post:
+        raise AdminModelError(
+            f"{type(model).__name__} has no post-LN residual sub-layers ({len(sublayers)} sub-layers, all "
+            "norm_position != 'post'); Admin only applies to post-LN stacks (pre-LN needs no Admin)"
+        )
+    return post
+
+
+def _width(sublayer: nn.Module) -> int:
+    """The model width ``d`` of a sub-layer, read from its LayerNorm."""
+    shape = getattr(sublayer.norm, "normalized_shape", None)
+    if shape:
+        return int(shape[-1])
+    weight = getattr(sublayer.norm, "weight", None)
+    if isinstance(weight, Tensor) and weight.ndim >= 1:
+        return int(weight.shape[-1])
+    raise AdminModelError(
+        f"cannot tell the width of {type(sublayer).__name__}: its norm has neither normalized_shape nor a weight"
+    )
+
+
+def _reference_tensor(sublayer: nn.Module) -> Tensor | None:
+    """A parameter of the sub-layer, to create omegas on its device and dtype."""
+    return next(iter(sublayer.parameters()), None)
+
+
+def add_residual_scales(model: nn.Module, value: float = 1.0) -> int:
+    """Give every post-LN sub-layer a trainable omega vector of size ``d`` filled with ``value``.
+
+    Idempotent: a sub-layer that already has a ``residual_scale`` keeps it (so replaying the surgery
+    before a checkpoint's weights load changes nothing). Returns how many omegas were created.
+    """
+    created = 0
+    for sublayer in post_ln_sublayers(model):
+        if sublayer.residual_scale is not None:
+            continue
+        reference = _reference_tensor(sublayer)
+        kwargs: dict[str, Any] = {}
+        if reference is not None:
+            kwargs = {"device": reference.device, "dtype": reference.dtype}
+        sublayer.residual_scale = nn.Parameter(torch.full((_width(sublayer),), float(value), **kwargs))
+        created += 1
+    return created
+
+
+def residual_scales(model: nn.Module) -> list[nn.Parameter]:
+    """The omega parameters of the post-LN sub-layers, in forward order (error if one is missing)."""
+    scales = []
+    for index, sublayer in enumerate(post_ln_sublayers(model)):
+        if sublayer.residual_scale is None:
+            raise AdminModelError(
+                f"post-LN sub-layer {index} has no residual_scale: run add_residual_scales first"
+            )
+        scales.append(sublayer.residual_scale)
+    return scales
+
+
+@torch.no_grad()
+def fill_residual_scales(model: nn.Module, values: Sequence[float]) -> None:
+    """Set every entry of omega ``i`` to ``values[i]`` in place (the optimizer keeps the same tensors)."""
+    scales = residual_scales(model)
+    if len(values) != len(scales):
+        raise ValueError(f"got {len(values)} omega values for {len(scales)} post-LN sub-layers")
+    for scale, value in zip(scales, values, strict=True):
+        scale.fill_(float(value))
+
+
+@contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """Fork the global RNG (CPU, and the CUDA device in use) so profiling leaves training's stream as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _variance(x: Tensor) -> float:
+    """Variance over all elements, in float64 (the recursion adds up dozens of terms)."""
+    return float(x.detach().double().var())
+
+
+@torch.no_grad()
+def profile_omegas(model: nn.Module, inputs: Any) -> ProfileResult:
+    """Admin's profiling pass: one forward of ``model(inputs)`` in training mode, setting omegas as it goes.
+
+    With a running scalar ``r = 1``, for each post-LN sub-layer in the order the forward calls them:
+    ``omega_i = r`` is written into the sub-layer's ``residual_scale`` before it runs, then
+    ``r = sqrt(Var[omega_i * x_{i-1}] + Var[f_i(x_{i-1})])``, with ``x_{i-1}`` the sub-layer's input and
+    ``f_i`` its branch output (after dropout: training mode). Later layers thus see the earlier
+    layers' Admin outputs, as in the paper. Pre-LN sub-layers are skipped.
+
+    The model's training/eval mode and the global RNG (CPU and the CUDA device) are restored, so
+    training draws the same random numbers as without profiling. Under ``torch.distributed`` the
+    scalars of rank 0 are broadcast, so every replica starts from the same omegas. Gradients are off.
+    """
+    sublayers = post_ln_sublayers(model)
+    scales = residual_scales(model)
+    state: dict[str, Any] = {"r": 1.0, "omegas": {}, "in_var": {}, "branch_var": {}, "order": []}
+    branch_outputs: dict[int, Tensor] = {}
+    handles = []
+
+    def before_sublayer(index: int, sublayer: nn.Module, args: tuple[Any, ...]) -> None:
+        if index in state["omegas"]:
+            return  # a sub-layer called twice keeps its first omega
+        state["omegas"][index] = state["r"]
+        scales[index].fill_(state["r"])
+
+    def after_branch(index: int, output: Tensor) -> None:
+        branch_outputs.setdefault(index, output)
+
+    def after_sublayer(index: int, sublayer: nn.Module, args: tuple[Any, ...]) -> None:
+        if index in state["in_var"]:
+            return
+        if index not in branch_outputs:
+            raise AdminModelError(f"post-LN sub-layer {index} ran without calling its branch")
+        x = args[0]
+        input_var = _variance(scales[index] * x)
+        branch_var = _variance(branch_outputs.pop(index))
+        state["in_var"][index] = input_var
+        state["branch_var"][index] = branch_var
+        state["order"].append(index)
+        state["r"] = math.sqrt(input_var + branch_var)
+
+    for index, sublayer in enumerate(sublayers):
+        handles.append(sublayer.register_forward_pre_hook(lambda m, a, i=index: before_sublayer(i, m, a)))
+        handles.append(sublayer.register_forward_hook(lambda m, a, out, i=index: after_sublayer(i, m, a)))
+        handles.append(sublayer.branch.register_forward_hook(lambda m, a, out, i=index: after_branch(i, out)))
+    was_training = model.training
+    device = scales[0].device
+    try:
+        model.train()
+        with _forked_rng(device):
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [i for i in range(len(sublayers)) if i not in state["in_var"]]
+    if missing:
+        raise AdminModelError(f"the forward pass never called post-LN sub-layer(s) {missing}")
+    omegas = [state["omegas"][i] for i in range(len(sublayers))]
+    omegas = _broadcast_from_rank_zero(omegas, device)
+    fill_residual_scales(model, omegas)
+    return ProfileResult(
+        omegas=omegas,
+        input_variances=[state["in_var"][i] for i in range(len(sublayers))],
+        branch_variances=[state["branch_var"][i] for i in range(len(sublayers))],
+    )
+
+
+def _broadcast_from_rank_zero(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's values on every rank when ``torch.distributed`` is initialised, else ``values``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return [float(v) for v in tensor.tolist()]

@@ -1,0 +1,41 @@
+"""Binarised LSTM gates (G2-LSTM, Li et al. 2018): Gumbel-sigmoid input/forget gates, compression, gate statistics."""
+
+from .functional import (
+    GATE_NAMES,
+    NOISY_GATES,
+    GateStatistics,
+    GumbelGateLSTM,
+    collect_gate_values,
+    compress_gates_low_precision,
+    compress_gates_low_rank,
+    gate_histogram,
+    gate_rows,
+    gumbel_sigmoid,
+    logistic_noise,
+    low_rank_approximation,
+    lstm_gate_parameters,
+    masked_logistic_noise,
+    quantize_to_bits,
+    round_to_grid,
+    saturation_fraction,
+)
+
+__all__ = [
+    "GATE_NAMES",
+    "NOISY_GATES",
+    "GateStatistics",
+    "GumbelGateLSTM",
+    "collect_gate_values",
+    "compress_gates_low_precision",
+    "compress_gates_low_rank",
+    "gate_histogram",
+    "gate_rows",
+    "gumbel_sigmoid",
+    "logistic_noise",
+    "low_rank_approximation",
+    "lstm_gate_parameters",
+    "masked_logistic_noise",
+    "quantize_to_bits",
+    "round_to_grid",
+    "saturation_fraction",
+]

@@ -19,8 +19,10 @@ from .functional import (
     round_to_grid,
     saturation_fraction,
 )
+from .plugin import BinaryGatesPlugin, gate_histogram_image, replace_lstms
 
 __all__ = [
+    "BinaryGatesPlugin",
     "GATE_NAMES",
     "NOISY_GATES",
     "GateStatistics",
@@ -29,6 +31,7 @@ __all__ = [
     "compress_gates_low_precision",
     "compress_gates_low_rank",
     "gate_histogram",
+    "gate_histogram_image",
     "gate_rows",
     "gumbel_sigmoid",
     "logistic_noise",
@@ -36,6 +39,7 @@ __all__ = [
     "lstm_gate_parameters",
     "masked_logistic_noise",
     "quantize_to_bits",
+    "replace_lstms",
     "round_to_grid",
     "saturation_fraction",
 ]

@@ -1,0 +1,158 @@
+"""The MIMO plugin: M subnetworks trained and evaluated in one network (Havasi et al. 2021)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+from litplug.core.errors import CheckpointError, PluginConfigError
+from litplug.core.hookspecs import hookimpl
+from litplug.core.plugin import Plugin
+from torch import Tensor, nn
+
+from . import functional as mimo
+
+TRAIN = "train"
+
+
+class MIMO(Plugin):
+    """MIMO: M subnetworks in one network (multi-input multi-output), ensembles at ~1x inference cost.
+
+    Model surgery widens the model's input layer to take ``num_members`` inputs (concatenated along
+    channels for images, features for flat inputs) and its output layer to give ``num_members``
+    heads. In training each head sees its own independently shuffled batch; at evaluation every head
+    sees the same input (tiled, one forward pass) and the heads' probabilities are averaged.
+
+    Args:
+        num_members: M, the number of subnetworks (1 is exactly the plain model).
+        input_repetition: rho in [0, 1], the fraction of each training batch shown to every member
+            (0 = fully independent members; the paper uses 0 on CIFAR, 0.6 on ImageNet).
+        batch_repetitions: each loaded batch (the unique examples) is tiled this many times before
+            the per-member shuffles, so a step trains on ``batch_size * batch_repetitions`` rows
+            (paper: 4 on CIFAR, 2 on ImageNet; set the loader's batch size to B / batch_repetitions
+            to match the paper's step batch B).
+        input_layer: dotted attribute path of the first layer (Linear or Conv2d) of a user model;
+            default ``stem`` (SmallCNN) or the first Linear/Conv2d in ``body`` (MLP).
+        output_layer: dotted attribute path of the last layer (Linear or Conv2d); default ``head``.
+    """
+
+    name = "mimo"
+    conflicts_with = ("ensemble",)  # both replace the loss and the prediction rule
+
+    def __init__(
+        self,
+        num_members: int = 3,
+        input_repetition: float = 0.0,
+        batch_repetitions: int = 4,
+        input_layer: str | None = None,
+        output_layer: str | None = None,
+    ) -> None:
+        self._check_int("num_members", num_members)
+        self.check_range("input_repetition", input_repetition, low=0.0, high=1.0)
+        self._check_int("batch_repetitions", batch_repetitions)
+        for argument, path in (("input_layer", input_layer), ("output_layer", output_layer)):
+            self.check(
+                path is None or (isinstance(path, str) and path.strip() != ""),
+                argument,
+                f"must be a dotted attribute path like 'encoder.0' or null, got {path!r}",
+            )
+        self.num_members = num_members
+        self.input_repetition = float(input_repetition)
+        self.batch_repetitions = batch_repetitions
+        self.input_layer = input_layer
+        self.output_layer = output_layer
+
+    def _check_int(self, argument: str, value: object) -> None:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        self.check(is_int and value >= 1, argument, f"must be an integer >= 1, got {value!r}")  # type: ignore[operator]
+
+    @classmethod
+    def example(cls) -> MIMO:
+        """Two members, half the rows shared, batches repeated twice: every code path in a few steps."""
+        return cls(num_members=2, input_repetition=0.5, batch_repetitions=2)
+
+    @property
+    def passthrough(self) -> bool:
+        """M=1 without batch repetition: the plugin changes nothing (exactly the plain model)."""
+        return self.num_members == 1 and self.batch_repetitions == 1
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _layer_paths(self, model: nn.Module) -> tuple[str, str]:
+        try:
+            return mimo.resolve_layer_paths(model, self.input_layer, self.output_layer)
+        except mimo.MIMOSurgeryError as err:
+            raise PluginConfigError(self.name, err.argument, err.problem) from None
+
+    @hookimpl
+    def litplug_check_setup(self, module: L.LightningModule) -> None:
+        """Fail before training when the layers cannot be found or widened."""
+        self._layer_paths(module.model)
+        if getattr(module, "loss_fn", None) is not None:
+            warnings.warn(
+                f"plugin '{self.name}' replaces the configured loss with the sum over heads of "
+                "cross-entropy; model.loss is ignored",
+                stacklevel=2,
+            )
+
+    @hookimpl
+    def litplug_configure_model(self, model: nn.Module) -> nn.Module:
+        """Widen the input and output layers in place (idempotent, see :func:`widen_model`)."""
+        try:
+            return mimo.widen_model(model, self.num_members, self.input_layer, self.output_layer)
+        except mimo.MIMOSurgeryError as err:
+            raise PluginConfigError(self.name, err.argument, err.problem) from None
+
+    # -- every batch ------------------------------------------------------------------------------
+
+    @hookimpl
+    def litplug_transform_batch(self, batch: Any, stage: str) -> Any:
+        """Training: each member its own shuffled rows; otherwise the same input tiled M times."""
+        if self.passthrough:
+            return None
+        if stage != TRAIN:
+            if isinstance(batch, Tensor):  # predict loaders may yield bare inputs
+                return mimo.repeat_inputs(batch, self.num_members)
+            inputs, targets = batch
+            return mimo.repeat_inputs(inputs, self.num_members), targets
+        inputs, targets = batch
+        indices = mimo.member_indices(
+            inputs.shape[0], self.num_members, self.input_repetition, self.batch_repetitions
+        )
+        member_inputs = mimo.stack_member_inputs(inputs, indices)
+        member_targets = targets[indices.to(targets.device)].transpose(0, 1)  # [N, M]
+        return member_inputs, member_targets
+
+    @hookimpl
+    def litplug_compute_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Sum over heads of each head's mean cross-entropy (training and evaluation alike)."""
+        return mimo.mimo_loss(outputs, targets, self.num_members)
+
+    @hookimpl
+    def litplug_log_probs(self, outputs: Tensor, stage: str) -> Tensor:
+        """Training: each head's own log-probs ``[B, M, K]`` (its own targets); else the average."""
+        if stage == TRAIN:
+            return mimo.member_log_probs(outputs, self.num_members)
+        return mimo.ensemble_log_probs(outputs, self.num_members)
+
+    @hookimpl
+    def litplug_eval_step(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor] | None:
+        """Each member's NLL/accuracy, their means and the members' disagreement."""
+        if targets.dim() != 1 or targets.is_floating_point():
+            return None
+        return mimo.member_metrics(outputs.detach(), targets, self.num_members)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The member count, so a checkpoint loaded with another M fails with a clear message."""
+        return {"num_members": self.num_members}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("num_members", self.num_members)
+        if saved != self.num_members:
+            raise CheckpointError(
+                f"plugin '{self.name}': the checkpoint was trained with num_members={saved}, "
+                f"but num_members={self.num_members} is configured"
+            )

@@ -1,0 +1,304 @@
+"""MIMO: surgery (M=1 is the plain model, widened layers keep the original in block 0), member
+batches (different rows per head in training, the same at evaluation), the summed loss, the averaged
+prediction, errors, and a short run in which every head learns from its own input block."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import quiet_trainer
+from litplug.core.data import DigitsDataModule
+from litplug.core.errors import CheckpointError, PluginConfigError
+from litplug.core.models import MLP, SmallCNN
+from litplug.core.module import LitplugModule
+from litplug.plugins.mimo import (
+    MIMO,
+    ensemble_log_probs,
+    member_indices,
+    member_metrics,
+    mimo_loss,
+    mimo_predict,
+    repeat_inputs,
+    stack_member_inputs,
+    widen_model,
+)
+from torch import nn
+
+
+def _module(model: nn.Module, plugin: MIMO) -> LitplugModule:
+    module = LitplugModule(model, plugins=[plugin])
+    module.apply_surgery()
+    return module
+
+
+# -- M = 1 is exactly the plain model ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: MLP(64, [32]), lambda: SmallCNN(width=8)], ids=["mlp", "cnn"])
+def test_one_member_is_the_plain_model(make) -> None:
+    torch.manual_seed(0)
+    plain = make()
+    widened = copy.deepcopy(plain)
+    module = _module(widened, MIMO(num_members=1, batch_repetitions=1))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(plain.state_dict().values(), widened.state_dict().values(), strict=True)
+    )
+    x = torch.rand(5, 1, 8, 8)
+    y = torch.randint(0, 10, (5,))
+    for stage in ("train", "val"):
+        inputs, targets = module.hooks.transform_batch(module=module, batch=(x, y), stage=stage)
+        outputs = module(inputs)
+        assert torch.equal(outputs, plain(x))
+        assert torch.equal(
+            module.main_loss(outputs, targets, (inputs, targets), stage), F.cross_entropy(plain(x), y)
+        )
+        assert torch.equal(module.log_probs(outputs, "val"), F.log_softmax(plain(x), -1))
+
+
+def test_one_member_trains_bit_identically_to_no_plugin() -> None:
+    def train(plugins: list) -> nn.Module:
+        L.seed_everything(0)
+        model = MLP(64, [32], dropout=0.2)  # dropout: the random stream must be the same too
+        module = LitplugModule(model, plugins=plugins, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        quiet_trainer(max_steps=4, limit_val_batches=0).fit(
+            module, datamodule=DigitsDataModule(batch_size=128)
+        )
+        return model
+
+    plain, mimo = train([]), train([MIMO(num_members=1, batch_repetitions=1)])
+    for (name, a), b in zip(plain.state_dict().items(), mimo.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# -- surgery ------------------------------------------------------------------------------------------
+
+
+def test_mlp_surgery_keeps_the_original_weights_in_block_zero() -> None:
+    torch.manual_seed(0)
+    plain = MLP(64, [32, 16], num_classes=10)
+    model = widen_model(copy.deepcopy(plain), num_members=3)
+    first, head = model.body[1], model.head
+    assert first.weight.shape == (32, 3 * 64) and head.weight.shape == (30, 16) and head.bias.shape == (30,)
+    assert torch.equal(first.weight[:, :64], plain.body[1].weight)
+    assert torch.equal(first.bias, plain.body[1].bias)
+    assert torch.equal(head.weight[:10], plain.head.weight) and torch.equal(head.bias[:10], plain.head.bias)
+    # the other blocks are fresh draws from the same initialiser: different, same scale
+    for block in (first.weight[:, 64:128], first.weight[:, 128:]):
+        assert not torch.equal(block, plain.body[1].weight)
+        assert block.abs().max() <= 1 / 64**0.5
+    assert not torch.equal(head.weight[10:20], head.weight[20:])
+    # member 0 alone (other members' inputs zero) reproduces the plain network on head 0
+    x = torch.rand(4, 64)
+    outputs = model(torch.cat([x, torch.zeros(4, 128)], dim=1))
+    torch.testing.assert_close(outputs[:, :10], plain(x))
+
+
+def test_cnn_surgery_widens_stem_channels_and_head() -> None:
+    torch.manual_seed(0)
+    plain = SmallCNN(width=8, batch_norm=False).eval()
+    model = widen_model(copy.deepcopy(plain), num_members=2).eval()
+    assert model.stem.weight.shape == (8, 2, 3, 3) and model.head.out_features == 20
+    assert torch.equal(model.stem.weight[:, :1], plain.stem.weight)
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(model(torch.cat([x, torch.zeros_like(x)], 1))[:, :10], plain(x))
+
+
+def test_surgery_is_deterministic_idempotent_and_does_not_touch_the_random_stream() -> None:
+    torch.manual_seed(0)
+    base = MLP(64, [32])
+    state = torch.get_rng_state()
+    a = widen_model(copy.deepcopy(base), 3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = widen_model(copy.deepcopy(base), 3)
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    weight = a.head.weight
+    assert widen_model(a, 3).head.weight is weight  # replayed surgery changes nothing
+    with pytest.raises(ValueError, match="already widened to 3"):
+        widen_model(a, 2)
+
+
+def test_user_model_with_named_layers() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+            self.classifier = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.encoder(x))
+
+    with pytest.raises(PluginConfigError, match="plugin 'mimo': argument 'input_layer'"):
+        _module(Net(), MIMO(num_members=2))
+    module = _module(Net(), MIMO(num_members=2, input_layer="encoder.0", output_layer="classifier"))
+    assert module.model.encoder[0].in_features == 128 and module.model.classifier.out_features == 20
+    assert module.log_probs(module(repeat_inputs(torch.rand(3, 64), 2)), "val").shape == (3, 10)
+
+
+# -- member batches -----------------------------------------------------------------------------------
+
+
+def _coded_batch(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs whose every feature is the row number, targets = row number: rows are traceable."""
+    rows = torch.arange(n)
+    return rows.float().unsqueeze(1).expand(n, 4).clone(), rows
+
+
+@pytest.mark.parametrize(("rho", "reps"), [(0.0, 1), (0.0, 3), (0.5, 2), (1.0, 2)])
+def test_training_heads_get_their_own_shuffled_rows(rho: float, reps: int) -> None:
+    torch.manual_seed(0)
+    plugin = MIMO(num_members=3, input_repetition=rho, batch_repetitions=reps)
+    x, y = _coded_batch()
+    inputs, targets = plugin.litplug_transform_batch((x, y), "train")
+    assert inputs.shape == (12 * reps, 3 * 4) and targets.shape == (12 * reps, 3)
+    blocks = inputs.view(12 * reps, 3, 4)
+    assert torch.equal(blocks, targets.unsqueeze(-1).float().expand(-1, -1, 4))  # inputs follow targets
+    for m in range(3):  # every head sees every unique example exactly `reps` times
+        assert torch.equal(torch.bincount(targets[:, m], minlength=12), torch.full((12,), reps))
+    shared = (targets == targets[:, :1]).all(1).float().mean().item()
+    if rho == 1.0:
+        assert shared == 1.0
+    else:  # the shared fraction is at least rho; the rest differs between heads (almost surely)
+        assert rho <= shared < rho + 0.3
+        assert not torch.equal(targets[:, 0], targets[:, 1])
+
+
+def test_input_repetition_shares_the_tail_of_the_main_shuffle() -> None:
+    torch.manual_seed(1)
+    indices = member_indices(batch_size=40, num_members=4, input_repetition=0.25, batch_repetitions=1)
+    shared_from = int(40 * 0.75)
+    assert (indices[:, shared_from:] == indices[:1, shared_from:]).all()
+    assert all(torch.equal(row.sort().values, torch.arange(40)) for row in indices)
+
+
+def test_evaluation_heads_get_the_same_input() -> None:
+    plugin = MIMO(num_members=3)
+    x = torch.rand(5, 1, 8, 8)
+    y = torch.arange(5)
+    for stage in ("val", "test"):
+        inputs, targets = plugin.litplug_transform_batch((x, y), stage)
+        assert targets is y and inputs.shape == (5, 3, 8, 8)
+        assert all(torch.equal(inputs[:, m : m + 1], x) for m in range(3))
+    assert torch.equal(plugin.litplug_transform_batch(x, "predict"), x.repeat(1, 3, 1, 1))
+
+
+def test_stack_member_inputs_concatenates_channels_in_member_order() -> None:
+    x = torch.arange(3 * 2 * 2 * 2).float().view(3, 2, 2, 2)
+    indices = torch.tensor([[2, 0], [1, 1]])  # member 0 rows 2, 0; member 1 rows 1, 1
+    out = stack_member_inputs(x, indices)
+    assert out.shape == (2, 4, 2, 2)
+    assert torch.equal(out[0], torch.cat([x[2], x[1]])) and torch.equal(out[1], torch.cat([x[0], x[1]]))
+
+
+# -- loss and prediction ------------------------------------------------------------------------------
+
+
+def test_loss_is_the_sum_of_each_heads_mean_cross_entropy() -> None:
+    torch.manual_seed(0)
+    outputs = torch.randn(6, 3 * 4)
+    targets = torch.randint(0, 4, (6, 3))
+    expected = sum(F.cross_entropy(outputs[:, 4 * m : 4 * m + 4], targets[:, m]) for m in range(3))
+    torch.testing.assert_close(mimo_loss(outputs, targets, 3), expected)
+    mean_over_heads = F.cross_entropy(outputs.view(6, 3, 4).reshape(18, 4), targets.reshape(18))
+    torch.testing.assert_close(mimo_loss(outputs, targets, 3), 3 * mean_over_heads)  # not the mean
+    eval_targets = targets[:, 0]
+    torch.testing.assert_close(
+        mimo_loss(outputs, eval_targets, 3), mimo_loss(outputs, eval_targets[:, None].expand(6, 3), 3)
+    )
+
+
+def test_prediction_averages_head_probabilities() -> None:
+    torch.manual_seed(0)
+    outputs = torch.randn(5, 2 * 3)
+    expected = (F.softmax(outputs[:, :3], -1) + F.softmax(outputs[:, 3:], -1)) / 2
+    torch.testing.assert_close(ensemble_log_probs(outputs, 2).exp(), expected)
+    model = MLP(4, [8], num_classes=3)
+    widen_model(model, 2)
+    x = torch.rand(5, 4)
+    torch.testing.assert_close(mimo_predict(model, x, 2), ensemble_log_probs(model(x.repeat(1, 2)), 2).exp())
+
+
+def test_member_metrics_by_hand() -> None:
+    # 2 examples, 3 heads, 2 classes; head predictions: ex0 -> (0, 1, 0), ex1 -> (1, 1, 1)
+    logits = torch.tensor([[2.0, 0.0, 0.0, 2.0, 1.0, 0.0], [0.0, 1.0, 0.0, 3.0, 0.0, 2.0]])
+    targets = torch.tensor([0, 1])
+    got = member_metrics(logits, targets, 3)
+    torch.testing.assert_close(got["member1_acc"], torch.tensor(0.5))
+    torch.testing.assert_close(got["member_acc"], torch.tensor((1.0 + 0.5 + 1.0) / 3))
+    torch.testing.assert_close(got["disagreement"], torch.tensor((2 / 3 + 0.0) / 2))
+    nll0 = (
+        -(F.log_softmax(torch.tensor([2.0, 0.0]), 0)[0] + F.log_softmax(torch.tensor([0.0, 1.0]), 0)[1]) / 2
+    )
+    torch.testing.assert_close(got["member0_nll"], nll0)
+
+
+# -- errors and state ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"num_members": 0}, "num_members"),
+        ({"num_members": 2.5}, "num_members"),
+        ({"num_members": True}, "num_members"),
+        ({"input_repetition": -0.1}, "input_repetition"),
+        ({"input_repetition": 1.5}, "input_repetition"),
+        ({"batch_repetitions": 0}, "batch_repetitions"),
+        ({"input_layer": ""}, "input_layer"),
+    ],
+)
+def test_bad_hyperparameters_name_the_argument(kwargs: dict, argument: str) -> None:
+    with pytest.raises(PluginConfigError, match=f"plugin 'mimo': argument '{argument}'"):
+        MIMO(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "argument", "problem"),
+    [
+        (MLP(64, [32]), {"input_layer": "body.9"}, "input_layer", "not found"),
+        (MLP(64, [32]), {"output_layer": "body.0"}, "output_layer", "Flatten"),
+        (nn.Sequential(nn.LSTM(8, 8)), {}, "input_layer", "no default"),
+        (
+            nn.ModuleDict({"stem": nn.Conv2d(4, 4, 3, groups=2), "head": nn.Linear(4, 2)}),
+            {},
+            "input_layer",
+            "grouped",
+        ),
+        (nn.ModuleDict({"stem": nn.Conv2d(1, 4, 3), "head": nn.LSTM(4, 2)}), {}, "output_layer", "LSTM"),
+    ],
+)
+def test_models_that_cannot_be_widened(model: nn.Module, kwargs: dict, argument: str, problem: str) -> None:
+    with pytest.raises(PluginConfigError, match=f"plugin 'mimo': argument '{argument}'.*{problem}"):
+        _module(model, MIMO(num_members=2, **kwargs))
+
+
+def test_checkpoint_with_another_member_count_is_refused() -> None:
+    assert MIMO(num_members=3).state_dict() == {"num_members": 3}
+    with pytest.raises(CheckpointError, match="num_members=3.*num_members=2"):
+        MIMO(num_members=2).load_state_dict({"num_members": 3})
+
+
+# -- a short run --------------------------------------------------------------------------------------
+
+
+def test_every_head_learns_from_its_own_input_block() -> None:
+    """If a head's targets were not aligned with its own input block it would stay near chance."""
+    L.seed_everything(0)
+    module = LitplugModule(
+        MLP(64, [128]),
+        plugins=[MIMO(num_members=2, batch_repetitions=1)],
+        optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
+    )
+    data = DigitsDataModule(batch_size=64)
+    trainer = quiet_trainer(max_epochs=4, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    result = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert result["test/member0_acc"] > 0.85 and result["test/member1_acc"] > 0.85, result
+    assert result["test/acc"] > 0.85 and 0.0 < result["test/disagreement"] < 0.2, result
+    assert result["test/nll"] <= result["test/member_nll"] + 1e-6, result  # Jensen: mean of probs helps

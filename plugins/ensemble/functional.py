@@ -204,7 +204,14 @@ class MemberStack(nn.Module):
             return sequential_forward(self.members, inputs)
         if path == "vmap":
             cached = None if self.training or torch.is_grad_enabled() else self._cached_eval_params()
-            return vectorised_forward(self.members, inputs, cached)
+            try:
+                return vectorised_forward(self.members, inputs, cached)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"ensemble: the vmap path failed on {type(self.members[0]).__name__} ({err}); layers "
+                    "without a vmap batching rule (e.g. nn.LSTM) need path='sequential' "
+                    "(path='auto' falls back to it by itself)"
+                ) from err
         raise ValueError(f"unknown forward path {path!r}; expected one of {FORWARD_PATHS}")
 
     def _parameter_key(self) -> tuple[Any, ...]:

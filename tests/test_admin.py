@@ -21,6 +21,7 @@ from litplug.plugins.admin import (
     AdminModelError,
     add_residual_scales,
     closed_form_omega,
+    fold_omegas_into_weights,
     profile_omegas,
     residual_scales,
 )
@@ -302,3 +303,29 @@ def test_check_setup_fails_before_training_on_a_pre_ln_model() -> None:
     module = LitplugModule(model, plugins=[Admin()])
     with pytest.raises(PluginSetupError, match="post-LN"):
         quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
+
+
+# -- export ------------------------------------------------------------------------------------------
+
+
+def test_folding_omegas_into_weights_keeps_the_function_and_removes_them() -> None:
+    torch.manual_seed(0)
+    model = TransformerLanguageModel(98, d_model=32, num_heads=2, num_layers=3, dim_feedforward=64).eval()
+    add_residual_scales(model)
+    with torch.no_grad():
+        for scale in residual_scales(model):
+            scale.uniform_(0.5, 3.0)  # trained omegas are vectors, not constants
+    folded = fold_omegas_into_weights(model)
+    tokens = torch.randint(0, 98, (4, 16))
+    assert torch.allclose(folded(tokens), model(tokens), atol=1e-5)
+    assert all(s.residual_scale is None for s in folded.residual_sublayers())
+    assert all(s.residual_scale is not None for s in model.residual_sublayers())  # the original is untouched
+    plain = TransformerLanguageModel(98, d_model=32, num_heads=2, num_layers=3, dim_feedforward=64)
+    assert plain.load_state_dict(folded.state_dict()) is not None  # loads into a model without Admin
+
+
+def test_folding_refuses_a_branch_it_does_not_know() -> None:
+    model = KnownVarianceStack([1.0, 1.0])
+    add_residual_scales(model)
+    with pytest.raises(AdminModelError, match="cannot fold"):
+        fold_omegas_into_weights(model)

@@ -29,6 +29,7 @@ __all__ = [
     "add_residual_scales",
     "closed_form_omega",
     "fill_residual_scales",
+    "fold_omegas_into_weights",
     "post_ln_sublayers",
     "profile_omegas",
     "residual_scales",
@@ -244,3 +245,72 @@ def _broadcast_from_rank_zero(values: list[float], device: torch.device) -> list
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
     return [float(v) for v in tensor.tolist()]
+
+
+def _scale_branch_inputs(branch: nn.Module, inverse: Tensor) -> None:
+    """Multiply the input features of the branch's first linear maps by ``inverse`` (in place)."""
+    attention = getattr(branch, "attention", None)
+    if isinstance(attention, nn.MultiheadAttention):
+        if attention.in_proj_weight is None:
+            raise AdminModelError("cannot fold into a MultiheadAttention with separate q/k/v projections")
+        attention.in_proj_weight.mul_(inverse)
+        return
+    net = getattr(branch, "net", None)
+    if isinstance(net, nn.Sequential) and isinstance(net[0], nn.Linear):
+        net[0].weight.mul_(inverse)
+        return
+    raise AdminModelError(
+        f"cannot fold an omega into a {type(branch).__name__} branch: only the reference model's "
+        "CausalSelfAttention and FeedForward branches are supported"
+    )
+
+
+def _scale_sublayer_input(model: nn.Module, previous: nn.Module | None, omega: Tensor) -> None:
+    """Multiply what feeds a sub-layer by ``omega``: the previous post-LN norm's affine or the embeddings."""
+    if previous is None:
+        token, position = getattr(model, "token_embedding", None), getattr(model, "position_embedding", None)
+        if not (isinstance(token, nn.Embedding) and isinstance(position, nn.Embedding)):
+            raise AdminModelError("cannot fold the first omega: the model has no token/position embeddings")
+        token.weight.mul_(omega)
+        position.weight.mul_(omega)
+        return
+    norm = previous.norm
+    if previous.norm_position != "post" or not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+        raise AdminModelError(
+            "cannot fold: a sub-layer's input must come from a post-LN LayerNorm with affine weights"
+        )
+    norm.weight.mul_(omega)
+    if norm.bias is not None:
+        norm.bias.mul_(omega)
+
+
+@torch.no_grad()
+def fold_omegas_into_weights(model: nn.Module, min_abs_omega: float = 1e-6) -> nn.Module:
+    """A copy of ``model`` with every omega folded into the weights and ``residual_scale`` back to None.
+
+    ``LN(omega * x + f(x))`` equals ``LN(x' + f(x' / omega))`` with ``x' = omega * x``: ``omega`` goes
+    into what produces ``x`` (the previous sub-layer's LayerNorm affine, or the token and position
+    embeddings for the first sub-layer) and ``1 / omega`` into the input columns of the branch's first
+    linear maps (attention's packed q/k/v projection, the FFN's first layer). The copy computes the same
+    function (up to rounding) with the plain post-LN forward, so it exports without Admin. Supports
+    the reference :class:`~litplug.core.models.transformer.TransformerLanguageModel` layout (every
+    sub-layer post-LN, applied in ``residual_sublayers()`` order); anything else is an error.
+    """
+    import copy
+
+    folded = copy.deepcopy(model)
+    sublayers = list(folded.residual_sublayers())
+    post = post_ln_sublayers(folded)
+    if len(post) != len(sublayers):
+        raise AdminModelError("cannot fold omegas in a model that mixes pre-LN and post-LN sub-layers")
+    previous: nn.Module | None = None
+    for index, sublayer in enumerate(sublayers):
+        omega = sublayer.residual_scale
+        if omega is not None:
+            if float(omega.abs().min()) < min_abs_omega:
+                raise AdminModelError(f"omega of sub-layer {index} has an entry near 0: cannot divide by it")
+            _scale_sublayer_input(folded, previous, omega)
+            _scale_branch_inputs(sublayer.branch, 1.0 / omega)
+            sublayer.residual_scale = None
+        previous = sublayer
+    return folded

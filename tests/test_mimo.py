@@ -287,7 +287,7 @@ def test_checkpoint_with_another_member_count_is_refused() -> None:
 # -- a short run --------------------------------------------------------------------------------------
 
 
-def test_every_head_learns_from_its_own_input_block() -> None:
+def test_every_head_learns_from_its_own_input_block(tmp_path) -> None:
     """If a head's targets were not aligned with its own input block it would stay near chance."""
     L.seed_everything(0)
     module = LitplugModule(
@@ -296,9 +296,10 @@ def test_every_head_learns_from_its_own_input_block() -> None:
         optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
     )
     data = DigitsDataModule(batch_size=64)
-    trainer = quiet_trainer(max_epochs=4, limit_val_batches=0)
+    trainer = quiet_trainer(max_epochs=4, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     result = trainer.test(module, datamodule=data, verbose=False)[0]
     assert result["test/member0_acc"] > 0.85 and result["test/member1_acc"] > 0.85, result
     assert result["test/acc"] > 0.85 and 0.0 < result["test/disagreement"] < 0.2, result
     assert result["test/nll"] <= result["test/member_nll"] + 1e-6, result  # Jensen: mean of probs helps
+    assert (tmp_path / "reliability_mimo_test.png").exists()

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from litplug.core.errors import CheckpointError, PluginConfigError
 from litplug.core.hookspecs import hookimpl
+from litplug.core.plots import ReliabilityRecorder
 from litplug.core.plugin import Plugin
 from torch import Tensor, nn
 
@@ -35,6 +36,8 @@ class MIMO(Plugin):
         input_layer: dotted attribute path of the first layer (Linear or Conv2d) of a user model;
             default ``stem`` (SmallCNN) or the first Linear/Conv2d in ``body`` (MLP).
         output_layer: dotted attribute path of the last layer (Linear or Conv2d); default ``head``.
+        reliability_diagram: save ``reliability_mimo_test.png`` (the averaged prediction) in the
+            run directory, and log it to W&B, at the end of each test epoch.
     """
 
     name = "mimo"
@@ -47,6 +50,7 @@ class MIMO(Plugin):
         batch_repetitions: int = 4,
         input_layer: str | None = None,
         output_layer: str | None = None,
+        reliability_diagram: bool = True,
     ) -> None:
         self._check_int("num_members", num_members)
         self.check_range("input_repetition", input_repetition, low=0.0, high=1.0)
@@ -62,6 +66,8 @@ class MIMO(Plugin):
         self.batch_repetitions = batch_repetitions
         self.input_layer = input_layer
         self.output_layer = output_layer
+        self.reliability_diagram = reliability_diagram
+        self._recorder = ReliabilityRecorder()
 
     def _check_int(self, argument: str, value: object) -> None:
         is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -70,7 +76,7 @@ class MIMO(Plugin):
     @classmethod
     def example(cls) -> MIMO:
         """Two members, half the rows shared, batches repeated twice: every code path in a few steps."""
-        return cls(num_members=2, input_repetition=0.5, batch_repetitions=2)
+        return cls(num_members=2, input_repetition=0.5, batch_repetitions=2, reliability_diagram=False)
 
     @property
     def passthrough(self) -> bool:
@@ -137,11 +143,24 @@ class MIMO(Plugin):
         return mimo.ensemble_log_probs(outputs, self.num_members)
 
     @hookimpl
-    def litplug_eval_step(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor] | None:
+    def litplug_on_eval_start(self) -> None:
+        self._recorder.reset()
+
+    @hookimpl
+    def litplug_eval_step(
+        self, outputs: Tensor, log_probs: Tensor | None, targets: Tensor, stage: str
+    ) -> dict[str, Tensor] | None:
         """Each member's NLL/accuracy, their means and the members' disagreement."""
         if targets.dim() != 1 or targets.is_floating_point():
             return None
+        if stage == "test" and self.reliability_diagram and log_probs is not None:
+            self._recorder.update(log_probs.detach().exp(), targets)
         return mimo.member_metrics(outputs.detach(), targets, self.num_members)
+
+    @hookimpl
+    def litplug_on_eval_end(self, module: L.LightningModule, stage: str) -> None:
+        if stage == "test" and self.reliability_diagram:
+            self._recorder.save(module, name=f"mimo_{stage}")
 
     # -- state ------------------------------------------------------------------------------------
 

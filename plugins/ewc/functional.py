@@ -1,0 +1,496 @@
+"""EWC in pure torch: diagonal Fisher estimators and the quadratic penalty (no Lightning).
+
+Fisher estimators (all are averages over ``N`` samples of squared per-sample gradients of the
+log-likelihood ``log p(y | x, theta)``, except the batched one):
+
+- ``"exact"``: ``E_{y ~ p(y|x)}[(d log p(y|x))^2] = sum_c p_c (d log p_c)^2`` (one gradient per class).
+- ``"sampled"``: the label drawn from the model's predictive distribution (a one-sample estimate of
+  the exact Fisher; the "true Fisher" of Kirkpatrick et al.).
+- ``"empirical"``: the true label.
+- ``"batched"``: the square of each mini-batch's MEAN gradient (true labels), averaged over batches.
+  Not a per-sample Fisher: it is roughly ``1 / batch_size`` times smaller, so it needs a
+  ~batch-size times larger lambda. A common bug in public code; offered only for comparison.
+
+How per-sample gradients are computed (``method``):
+
+- ``"fast"`` (the default where it applies): for ``nn.Linear`` on ``[N, in]`` inputs the sum over
+  samples of squared per-sample weight gradients is ``(delta^2)^T (a^2)`` (``delta`` the gradient
+  w.r.t. the layer's output, ``a`` its input), from ONE batched backward with reduction "sum"
+  (Goodfellow 2015). ``nn.Conv2d`` gets per-sample gradients from unfolded inputs (one einsum).
+  Exact, not an approximation; covers the layers of most classifiers.
+- ``"vmap"``: ``torch.func.vmap(grad)`` over chunks of samples; any differentiable model.
+- ``"auto"``: ``"fast"`` for the parameters of Linear/Conv2d layers that run once per forward, and
+  ``"vmap"`` for the rest (BatchNorm affine parameters, recurrent layers, embeddings).
+- :func:`fisher_diagonal_loop` is the per-sample Python loop: the reference of tests and benchmarks.
+
+The model runs in eval mode (dropout off, BatchNorm on running statistics), so samples are
+independent and the batched backward really holds per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = [
+    "ESTIMATORS",
+    "FisherDict",
+    "METHODS",
+    "ewc_penalty",
+    "fisher_diagonal",
+    "fisher_diagonal_loop",
+    "merge_separate",
+    "online_update",
+    "penalised_parameters",
+    "quadratic_penalty",
+]
+
+Estimator = Literal["exact", "sampled", "empirical", "batched"]
+Method = Literal["auto", "fast", "vmap"]
+ESTIMATORS: tuple[str, ...] = ("exact", "sampled", "empirical", "batched")
+METHODS: tuple[str, ...] = ("auto", "fast", "vmap")
+FisherDict = dict[str, Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _take_samples(batches: Iterable[Any], num_samples: int | None, device: torch.device) -> Iterator[Batch]:
+    """Yield ``(inputs, targets)`` batches on ``device`` until ``num_samples`` samples (``None``: all)."""
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (or None for all), got {num_samples}")
+    remaining = math.inf if num_samples is None else num_samples
+    for batch in batches:
+        if remaining <= 0:
+            return
+        inputs, targets = batch[0], batch[1]
+        take = int(min(remaining, targets.shape[0]))
+        remaining -= take
+        yield inputs[:take].to(device), targets[:take].to(device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class _EvalMode:
+    """Put a model in eval mode and restore its previous mode afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modes = [m.training for m in model.modules()]
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in zip(self.model.modules(), self.modes, strict=True):
+            module.training = mode
+
+
+def label_weights(
+    log_probs: Tensor, targets: Tensor, estimator: Estimator, generator: torch.Generator | None
+) -> list[tuple[Tensor, Tensor]]:
+    """``(labels, weights)`` pairs whose weighted squared gradients sum to the estimator's Fisher.
+
+    exact: one pair per class with weights ``sqrt(p_c)`` (so ``w^2 g^2 = p_c g^2``); sampled: labels
+    drawn from ``p`` with ``generator``; empirical and batched: the true labels.
+    """
+    ones = torch.ones_like(targets, dtype=log_probs.dtype)
+    if estimator in ("empirical", "batched"):
+        return [(targets, ones)]
+    probs = log_probs.detach().exp()
+    if estimator == "sampled":
+        sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(targets.device)
+        return [(sampled, ones)]
+    if estimator == "exact":
+        pairs = []
+        for c in range(probs.shape[1]):
+            labels = torch.full_like(targets, c)
+            pairs.append((labels, probs[:, c].sqrt()))
+        return pairs
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def _zeros_like(params: Mapping[str, Tensor]) -> FisherDict:
+    return {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference: a per-sample Python loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def fisher_diagonal_loop(
+    model: nn.Module,
+    batches: Iterable[Any],
+    estimator: Estimator = "empirical",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> FisherDict:
+    """Diagonal Fisher by one backward per sample (and per class for ``"exact"``): slow, obviously right.
+
+    Labels for ``"sampled"`` are drawn per batch exactly as in :func:`fisher_diagonal`, so both give
+    the same numbers for the same generator seed.
+    """
+    params = trainable_parameters(model)
+    fisher = _zeros_like(params)
+    count = 0
+    with _EvalMode(model):
+        for inputs, targets in _take_samples(batches, num_samples, _device(model)):
+            with torch.no_grad():
+                log_probs = F.log_softmax(model(inputs), dim=-1)
+            pairs = label_weights(log_probs, targets, estimator, generator)
+            if estimator == "batched":
+                batch_fisher = _batch_mean_gradient_squared(model, params, inputs, targets)
+                for name in fisher:
+                    fisher[name] += batch_fisher[name]
+                count += 1
+                continue
+            for n in range(targets.shape[0]):
+                for labels, weights in pairs:
+                    if weights[n] == 0:
+                        continue
+                    log_p = F.log_softmax(model(inputs[n : n + 1]), dim=-1)[0, labels[n]]
+                    grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True)
+                    for (name, _), g in zip(params.items(), grads, strict=True):
+                        if g is not None:
+                            fisher[name] += weights[n] ** 2 * g.float().pow(2)
+            count += int(targets.shape[0])
+    return _normalise(fisher, count)
+
+
+def _normalise(fisher: FisherDict, count: int) -> FisherDict:
+    if count == 0:
+        raise ValueError("the Fisher needs at least one sample, but the data yielded none")
+    return {name: f / count for name, f in fisher.items()}
+
+
+def _batch_mean_gradient_squared(
+    model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor
+) -> FisherDict:
+    """Square of the mini-batch's mean log-likelihood gradient (the "batched" estimator)."""
+    with torch.enable_grad():
+        mean_log_p = F.log_softmax(model(inputs), dim=-1).gather(1, targets[:, None]).mean()
+        grads = torch.autograd.grad(mean_log_p, list(params.values()), allow_unused=True)
+    return {
+        name: (g.float().pow(2) if g is not None else torch.zeros_like(p, dtype=torch.float32))
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast path: sums of squared per-sample gradients of Linear / Conv2d layers from one backward
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fast_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear and (ungrouped, undilated-or-not) Conv2d layers with trainable parameters, by name."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                layers[name] = module
+    return layers
+
+
+class _LayerRecorder:
+    """Records each fast layer's input and output during one forward (and how often it ran)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = dict.fromkeys(layers, 0)
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _LayerRecorder:
+        for name, layer in self.layers.items():
+            self.handles.append(layer.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _forward_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            self.calls[name] += 1
+            self.inputs[name] = args[0].detach()
+            self.outputs[name] = output
+
+        return hook
+
+
+def _linear_squared_grads(layer: nn.Linear, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
+    """Sum over samples of squared per-sample gradients of a Linear layer."""
+    if a.dim() == 2:
+        out = {"weight": delta.pow(2).t() @ a.pow(2)}
+        if layer.bias is not None:
+            out["bias"] = delta.pow(2).sum(0)
+        return out
+    # [N, ..., in]: a sample's gradient sums over its positions, so materialise it per sample.
+    a3, d3 = a.reshape(a.shape[0], -1, a.shape[-1]), delta.reshape(delta.shape[0], -1, delta.shape[-1])
+    out = {"weight": torch.einsum("nto,nti->noi", d3, a3).pow(2).sum(0)}
+    if layer.bias is not None:
+        out["bias"] = d3.sum(1).pow(2).sum(0)
+    return out
+
+
+def _conv2d_squared_grads(layer: nn.Conv2d, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
+    """Sum over samples of squared per-sample gradients of a Conv2d layer (via unfold)."""
+    unfolded = F.unfold(
+        a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+    )  # [N, C_in*k*k, L]
+    d = delta.reshape(delta.shape[0], delta.shape[1], -1)  # [N, C_out, L]
+    per_sample = torch.einsum("nol,nil->noi", d, unfolded)  # [N, C_out, C_in*k*k]
+    out = {"weight": per_sample.pow(2).sum(0).reshape(layer.weight.shape)}
+    if layer.bias is not None:
+        out["bias"] = d.sum(2).pow(2).sum(0)
+    return out
+
+
+def _layer_squared_grads(layer: nn.Module, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
+    a, delta = a.float(), delta.float()
+    if isinstance(layer, nn.Linear):
+        return _linear_squared_grads(layer, a, delta)
+    return _conv2d_squared_grads(layer, a, delta)  # type: ignore[arg-type]
+
+
+def _fast_accumulate(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    inputs: Tensor,
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    fisher: FisherDict,
+) -> bool:
+    """Add the batch's squared per-sample gradients of the fast layers' parameters to ``fisher``.
+
+    One forward, then per ``(labels, weights)`` pair one backward to the layers' OUTPUTS only
+    (``torch.autograd.grad``: the model's ``.grad`` fields stay untouched). Returns False, adding
+    nothing, when a layer ran other than once (weight sharing: its per-sample gradient is then not
+    ``delta a^T`` of a single call) or its output does not require grad.
+    """
+    with _LayerRecorder(layers) as recorder, torch.enable_grad():
+        log_probs = F.log_softmax(model(inputs), dim=-1)
+    if any(calls != 1 for calls in recorder.calls.values()):
+        return False
+    names = [name for name in layers if recorder.outputs[name].requires_grad]
+    if len(names) != len(layers):
+        return False
+    outputs = [recorder.outputs[name] for name in names]
+    for index, (labels, weights) in enumerate(pairs):
+        picked = (log_probs.gather(1, labels[:, None]).squeeze(1) * weights).sum()
+        deltas = torch.autograd.grad(picked, outputs, retain_graph=index < len(pairs) - 1, allow_unused=True)
+        for name, delta in zip(names, deltas, strict=True):
+            if delta is None:
+                continue
+            layer = layers[name]
+            for pname, value in _layer_squared_grads(layer, recorder.inputs[name], delta).items():
+                key = f"{name}.{pname}" if name else pname
+                if key in fisher:  # a frozen weight or bias has no entry
+                    fisher[key] += value
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# General path: torch.func vmap(grad), chunked
+# ---------------------------------------------------------------------------------------------------
+
+
+def _vmap_accumulate(
+    model: nn.Module,
+    names: Sequence[str],
+    inputs: Tensor,
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    fisher: FisherDict,
+    chunk_size: int,
+) -> None:
+    """Add the squared per-sample gradients of parameters ``names`` (torch.func) to ``fisher``."""
+    all_params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    wanted = {name: all_params[name].detach() for name in names}
+    frozen = {name: p.detach() for name, p in all_params.items() if name not in wanted}
+
+    def log_likelihood(params: dict[str, Tensor], x: Tensor, label: Tensor, weight: Tensor) -> Tensor:
+        state = {**frozen, **params, **buffers}
+        logits = functional_call(model, state, (x.unsqueeze(0),))
+        return F.log_softmax(logits, dim=-1)[0].gather(0, label.reshape(1))[0] * weight
+
+    per_sample = vmap(grad(log_likelihood), in_dims=(None, 0, 0, 0))
+    for labels, weights in pairs:
+        for start in range(0, inputs.shape[0], chunk_size):
+            stop = start + chunk_size
+            grads = per_sample(wanted, inputs[start:stop], labels[start:stop], weights[start:stop])
+            for name in names:
+                fisher[name] += grads[name].float().pow(2).sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimator
+# ---------------------------------------------------------------------------------------------------
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    batches: Iterable[Any],
+    estimator: Estimator = "empirical",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    method: Method = "auto",
+    chunk_size: int = 64,
+) -> FisherDict:
+    """Diagonal Fisher of ``model``'s trainable parameters, by name (float32, on the model's device).
+
+    Args:
+        model: classifier returning logits ``[N, C]``; run in eval mode here (restored after).
+        batches: iterable of ``(inputs, targets)`` (a DataLoader over the task's training data).
+        estimator: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"`` (module docstring).
+        num_samples: samples to use (the first ones of ``batches``); ``None`` uses all.
+        generator: random source of ``"sampled"`` labels (a seeded private one keeps the training
+            stream untouched and makes the estimate reproducible).
+        method: ``"auto"``, ``"fast"`` (Linear/Conv2d only) or ``"vmap"`` (module docstring).
+        chunk_size: samples per vmap call (bounds memory).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    params = trainable_parameters(model)
+    fisher = _zeros_like(params)
+    count = 0
+    layers = _fast_layers(model) if method in ("auto", "fast") else {}
+    fast_names = {
+        f"{lname}.{pname}" if lname else pname
+        for lname, layer in layers.items()
+        for pname, p in layer.named_parameters(recurse=False)
+        if p.requires_grad
+    }
+    rest = [name for name in params if name not in fast_names]
+    if method == "fast" and rest:
+        raise ValueError(f"method 'fast' covers Linear/Conv2d parameters only; not covered: {rest}")
+    with _EvalMode(model):
+        for inputs, targets in _take_samples(batches, num_samples, _device(model)):
+            if estimator == "batched":
+                batch_fisher = _batch_mean_gradient_squared(model, params, inputs, targets)
+                for name in fisher:
+                    fisher[name] += batch_fisher[name]
+                count += 1
+                continue
+            with torch.no_grad():
+                log_probs = F.log_softmax(model(inputs), dim=-1)
+            pairs = label_weights(log_probs, targets, estimator, generator)
+            if layers and not _fast_accumulate(model, layers, inputs, pairs, fisher):
+                # Weight sharing (same on every batch, so this happens on the first one, before
+                # anything was added): every parameter goes the general way.
+                if method == "fast":
+                    raise ValueError("method 'fast' needs every Linear/Conv2d layer to run once per forward")
+                layers, rest = {}, list(params)
+            if rest:
+                _vmap_accumulate(model, rest, inputs, pairs, fisher, chunk_size)
+            count += int(targets.shape[0])
+    return _normalise(fisher, count)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Penalty
+# ---------------------------------------------------------------------------------------------------
+
+
+def penalised_parameters(
+    params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]
+) -> list[tuple[str, Tensor, Tensor]]:
+    """``(name, param, anchor)`` for the parameters that existed (with this shape) at the anchor.
+
+    Parameters added after the anchor (a new head) are not penalised.
+    """
+    return [
+        (name, p, anchor[name])
+        for name, p in params.items()
+        if name in anchor and anchor[name].shape == p.shape
+    ]
+
+
+def quadratic_penalty(
+    params: Mapping[str, Tensor], center: Mapping[str, Tensor], fisher: Mapping[str, Tensor]
+) -> Tensor:
+    """``sum_i F_i (theta_i - center_i)^2`` over the parameters present in ``center``."""
+    terms = [(fisher[name] * (p - c).pow(2)).sum() for name, p, c in penalised_parameters(params, center)]
+    if not terms:
+        first = next(iter(params.values()))
+        return first.new_zeros(())
+    return torch.stack(terms).sum()
+
+
+def ewc_penalty(
+    params: Mapping[str, Tensor],
+    center: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    ewc_lambda: float,
+    offset: float | Tensor = 0.0,
+) -> Tensor:
+    """``(lambda / 2) * (sum_i F_i (theta_i - center_i)^2 + offset)``."""
+    if ewc_lambda < 0:
+        raise ValueError(f"ewc_lambda must be >= 0, got {ewc_lambda}")
+    return 0.5 * ewc_lambda * (quadratic_penalty(params, center, fisher) + offset)
+
+
+def merge_separate(
+    anchors: Sequence[Mapping[str, Tensor]], fishers: Sequence[Mapping[str, Tensor]]
+) -> tuple[FisherDict, FisherDict, Tensor]:
+    """One quadratic equal to the sum of per-task EWC penalties: ``(F_sum, center, offset)``.
+
+    ``sum_t F_t (theta - a_t)^2 = F_sum (theta - m)^2 + offset`` with ``F_sum = sum_t F_t``,
+    ``m = sum_t F_t a_t / F_sum`` (the last anchor where ``F_sum = 0``) and
+    ``offset = sum_t sum_i F_t (a_t - m)^2``: the separate-mode penalty then costs one term per
+    parameter whatever the number of tasks. A parameter is penalised by the tasks whose anchor has it.
+    """
+    if len(anchors) != len(fishers) or not anchors:
+        raise ValueError("need one Fisher per anchor and at least one task")
+    names = {name for anchor in anchors for name in anchor}
+    total: FisherDict = {}
+    center: FisherDict = {}
+    offset = torch.zeros((), dtype=torch.float64)
+    for name in sorted(names):
+        pairs = [(a[name], f[name]) for a, f in zip(anchors, fishers, strict=True) if name in a]
+        f_sum = torch.stack([f.double() for _, f in pairs]).sum(0)
+        weighted = torch.stack([f.double() * a.double() for a, f in pairs]).sum(0)
+        last_anchor = pairs[-1][0].double()
+        m = torch.where(f_sum > 0, weighted / f_sum.clamp_min(1e-300), last_anchor)
+        offset = offset + sum((f.double() * (a.double() - m).pow(2)).sum().cpu() for a, f in pairs)
+        total[name] = f_sum.to(pairs[-1][1].dtype)
+        center[name] = m.to(pairs[-1][0].dtype)
+    return total, center, offset.float()
+
+
+def online_update(
+    old_fisher: Mapping[str, Tensor] | None, new_fisher: Mapping[str, Tensor], gamma: float
+) -> FisherDict:
+    """Online EWC (Schwarz et al. 2018): ``F <- gamma * F_old + F_new`` (new parameters: ``F_new``)."""
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if old_fisher is None:
+        return {name: f.clone() for name, f in new_fisher.items()}
+    merged = {}
+    for name, f in new_fisher.items():
+        old = old_fisher.get(name)
+        merged[name] = f + gamma * old if old is not None and old.shape == f.shape else f.clone()
+    return merged

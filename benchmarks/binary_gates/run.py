@@ -36,6 +36,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
 from litplug.core.data import DigitsDataModule, StdlibTextDataModule
 from litplug.core.models import LSTMClassifier, LSTMLanguageModel
 from litplug.core.module import LitplugModule
@@ -48,8 +51,6 @@ from litplug.plugins.binary_gates import (
     compress_gates_low_rank,
 )
 from litplug.plugins.binary_gates import functional as gates_functional
-from torch import nn
-from torch.utils.data import DataLoader
 
 #: Methods compared in the effect benchmark: name -> plugin p (None = plain nn.LSTM).
 METHODS: dict[str, float | None] = {"baseline": None, "g2 p=0.2": 0.2, "g2 p=1.0": 1.0}
@@ -310,7 +311,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=["digits", "charlm"])
     parser.add_argument("--digits-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=2)
-    parser.add_argument("--digits-epochs", type=int, default=30)
+    parser.add_argument("--digits-epochs", type=int, default=25)
     parser.add_argument("--lm-steps", type=int, default=500)
     parser.add_argument("--speed-repeats", type=int, default=15)
     parser.add_argument("--speed-threads", type=int, nargs="+", default=[1, 2])

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from torch import nn
+
 from litplug.core.errors import PluginSetupError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
-from torch import nn
 
 from .functional import NOISY_GATES, GateStatistics, GumbelGateLSTM
 

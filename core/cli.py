@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_only
+
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import LitplugError
 from litplug.core.manager import TRACE_ENV
@@ -68,8 +68,12 @@ class LitplugCLI(LightningCLI):
     def after_test(self) -> None:
         self._report("test", _scalars(self.trainer.callback_metrics))
 
-    @rank_zero_only
     def _report(self, stage: str, metrics: dict[str, float]) -> None:
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: all ranks
+        if self.trainer.is_global_zero:
+            self._write_results(stage, metrics, run_dir)
+
+    def _write_results(self, stage: str, metrics: dict[str, float], run_dir: str | None) -> None:
         print_metrics_table(f"litplug {stage}: final metrics", metrics)
         model: LitplugModule = self.model
         results = {
@@ -80,7 +84,6 @@ class LitplugCLI(LightningCLI):
             "epochs": self.trainer.current_epoch,
         }
         paths = []
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if run_dir:
             paths.append(Path(run_dir) / RESULTS_FILE)
         extra = self._subcommand_config().get("results_path")

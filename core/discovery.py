@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import TypeVar
 
 from lightning.pytorch.callbacks import Callback
+
 from litplug.core.errors import PluginLoadError
 from litplug.core.plugin import Plugin
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+
 from litplug.core import hookspecs
 from litplug.core.errors import HookError, PluginSetupError
 from litplug.core.ordering import resolve_order
@@ -53,6 +54,14 @@ class PluginHooks:
         if self.trace_enabled:
             _ensure_trace_handler()
             self.pm.add_hookcall_monitoring(self._before_pluggy_call, lambda *args: None)
+
+    # -- pickling (ddp_spawn sends the module to new processes) ---------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"plugins": self.plugins, "trace": self.trace_enabled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["plugins"], trace=state["trace"])  # type: ignore[misc]
 
     # -- setup checks -----------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ random-number state (so a resumed run draws the same noise), and the fact that m
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -17,12 +16,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from litplug.core import distributed
 from litplug.core.errors import CheckpointError, PluginSetupError
 from litplug.core.features import get_model_feature
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
-from torch import Tensor, nn
 
 _given_hyperparameters: ContextVar[Any] | None
 try:  # Lightning stores the CLI's plain config instead of objects when this is set.
@@ -30,8 +32,9 @@ try:  # Lightning stores the CLI's plain config instead of objects when this is 
 except ImportError:  # pragma: no cover - older/newer Lightning without the context variable
     _given_hyperparameters = None
 
-OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+# Lightning's own aliases, so LightningCLI/jsonargparse accept `class_path:` optimizers and schedulers.
+OptimizerFactory = OptimizerCallable
+SchedulerFactory = LRSchedulerCallable
 
 CHECKPOINT_KEY = "litplug"
 CHECKPOINT_FORMAT = 1
@@ -152,7 +155,7 @@ class LitplugModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
@@ -201,9 +204,23 @@ class LitplugModule(L.LightningModule):
         if self._fit_start_pending:
             self._fit_start_pending = False
             self.hooks.on_fit_start(module=self, sample_batch=batch)
+            self._agree_after_fit_start()
         if self._pending_rng_state is not None:
             _set_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
+
+    def _agree_after_fit_start(self) -> None:
+        """Under DDP, make what plugins computed at fit start (each rank on its own batch) agree:
+        rank zero's model and plugin state win. A no-op in a single process."""
+        if not distributed.is_distributed():
+            return
+        distributed.broadcast_module_(self.model)
+        for plugin in self.plugins:
+            state = plugin.state_dict()
+            if state:
+                agreed = distributed.broadcast_object(state)
+                if distributed.rank() != 0:
+                    plugin.load_state_dict(agreed)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = self.hooks.transform_batch(module=self, batch=batch, stage="train")

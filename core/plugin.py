@@ -9,6 +9,10 @@ A plugin is a small object of hook implementations (methods marked with ``@hooki
 - ``conflicts_with``: names of plugins that cannot be combined with this one.
 - ``requires``: names of model features (:mod:`litplug.core.features`) the model must have.
 - ``supports_ddp``: whether the plugin is correct under multi-process data parallelism.
+- ``rank_local_state``: under DDP the plugin's state legitimately differs per rank (the DDP
+  callback then skips its cross-rank agreement check); by default state must agree.
+- ``stochastic_training``: the plugin draws random numbers while training (noise, sampling,
+  random starts), so a multi-process run matches a single-process one in distribution only.
 - ``state_version``: bumped when the layout of ``state_dict()`` changes.
 
 Hyperparameters are constructor arguments stored as attributes of the same name and validated in
@@ -32,6 +36,8 @@ class Plugin:
     conflicts_with: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     supports_ddp: ClassVar[bool] = True
+    rank_local_state: ClassVar[bool] = False
+    stochastic_training: ClassVar[bool] = False
     state_version: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -6,10 +6,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from litplug.core.hookspecs import hookimpl
-from litplug.core.plugin import Plugin
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from litplug.core.examples import example_run  # noqa: F401  (re-exported for the tests)
+from litplug.core.hookspecs import hookimpl
+from litplug.core.plugin import Plugin
 
 
 class RecordingPlugin(Plugin):
@@ -182,23 +184,12 @@ def quiet_trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
-def example_run(plugin: Plugin | None, batch_size: int = 256) -> tuple[nn.Module, L.LightningDataModule]:
-    """A tiny model and datamodule that satisfy ``plugin.requires`` (registry-wide tests)."""
-    from litplug.core.data import DigitsDataModule, StdlibTextDataModule
-    from litplug.core.models import MLP, LSTMClassifier, TransformerLanguageModel
+class DieOnRankOne(Plugin):
+    """Raises on rank 1 after its second step (a crashed DDP worker)."""
 
-    custom = type(plugin).example_setup() if plugin is not None else None
-    if custom is not None:
-        return custom
-    features = set(plugin.requires) if plugin is not None else set()
-    if "residual_sublayers" in features:
-        data = StdlibTextDataModule(seq_len=16, batch_size=8, num_files=2, max_chars=20_000)
-        return TransformerLanguageModel(
-            data.vocab_size, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32
-        ), data
-    if "lstm" in features:
-        return LSTMClassifier(input_size=8, hidden_size=16), DigitsDataModule(
-            batch_size=batch_size, form="rows"
-        )
-    model = MLP(input_dim=64, hidden_dims=[32], batch_norm="batchnorm" in features, dropout=0.2)
-    return model, DigitsDataModule(batch_size=batch_size, form="flat")
+    name = "die_on_rank_one"
+
+    @hookimpl
+    def litplug_on_train_batch_end(self, batch_idx: int) -> None:
+        if batch_idx == 1 and torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise RuntimeError("rank 1 died")

@@ -9,6 +9,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
 from litplug.core.data import (
     AddingTaskDataModule,
     CopyTaskDataModule,
@@ -20,8 +23,6 @@ from litplug.core.data import (
 )
 from litplug.core.data.digits import _raw_digits
 from litplug.core.data.text import VOCAB_SIZE, decode, encode, stdlib_python_files
-from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 # ---------------------------------------------------------------- sampler
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from litplug.core.models import (
     MLP,
     LSTMClassifier,
@@ -12,7 +14,6 @@ from litplug.core.models import (
     SmallCNN,
     TransformerLanguageModel,
 )
-from torch import nn
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (4, 1, 8, 8), (4, 8, 8), (4, 64, 1)])

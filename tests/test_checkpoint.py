@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import torch
 from helpers import CountingPlugin, quiet_trainer, toy_loaders
+from torch import nn
+
 from litplug.core.errors import CheckpointError, PluginConfigError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
-from torch import nn
 
 
 class ScaledLinear(nn.Module):

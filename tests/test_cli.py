@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from litplug.core.cli import main
 
 MLP = "    class_path: litplug.core.models.MLP\n    init_args: {hidden_dims: [16]}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from litplug.core import discovery
 from litplug.core.errors import PluginLoadError
 from litplug.core.plugin import Plugin

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from helpers import RecordingPlugin, quiet_trainer, toy_loaders
-from litplug.core.module import LitplugModule
 from torch import nn
+
+from litplug.core.module import LitplugModule
 
 
 def _module(recorder: RecordingPlugin) -> LitplugModule:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import Named
+from torch import nn
+
 from litplug.core.errors import PluginSetupError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.manager import PluginHooks
 from litplug.core.module import LitplugModule
 from litplug.core.ordering import resolve_order
 from litplug.core.plugin import Plugin
-from torch import nn
 
 
 def names(plugins: list[Plugin]) -> list[str]:

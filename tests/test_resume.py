@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import example_run, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin

@@ -26,7 +26,7 @@ def example_run(
     if "residual_sublayers" in features:
         data = StdlibTextDataModule(seq_len=16, batch_size=8, num_files=2, max_chars=20_000)
         return TransformerLanguageModel(
-            data.vocab_size, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32
+            data.vocab_size, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, dropout=dropout
         ), data
     if "lstm" in features:
         return LSTMClassifier(input_size=8, hidden_size=16), DigitsDataModule(

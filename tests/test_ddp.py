@@ -107,7 +107,7 @@ def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root
     import json
 
     saved = json.loads(results.read_text())
-    assert saved["global_step"] == 5 and 0.0 <= saved["metrics"]["val/acc"] <= 1.0
+    assert saved["global_step"] == 5 and saved["metrics"]["train/loss"] > 0
 
 
 def test_agreement_check_names_the_plugin_whose_state_differs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ What the callback adds on top of what the core already does in every run:
 - Learning-rate scaling by the global batch (``linear`` or ``sqrt`` against ``base_batch_size``),
   applied once (a resumed run does not scale again). When a LEGW warmup callback is configured
   the callback hands it the global batch instead, so the rate is scaled in exactly one place.
-- A cross-rank agreement check of every plugin's state (and of the model's weights) at each
+- A cross-rank agreement check of every plugin's state (and of the model's parameters) at each
   training epoch end and before a checkpoint is written: a plugin whose state drifted apart across
   ranks fails the run with its name and the offending key, instead of saving rank zero's copy as
   if it were everyone's. Plugins that declare ``rank_local_state = True`` are skipped.
@@ -142,7 +142,9 @@ class DistributedPlugins(Callback):
         """Raise naming the plugin and key whose state differs across ranks (no-op in one process)."""
         if not (self.check_agreement and distributed.is_distributed()):
             return
-        local = {"model": distributed.checksums(dict(pl_module.state_dict()))}
+        # Parameters only: BatchNorm running statistics legitimately differ between DDP's
+        # broadcasts from rank zero (which keeps its own in checkpoints).
+        local = {"model": distributed.checksums(dict(pl_module.named_parameters()))}
         for plugin in getattr(pl_module, "plugins", []):
             if not plugin.rank_local_state:
                 local[f"plugin '{plugin.name}'"] = distributed.checksums(plugin.state_dict())

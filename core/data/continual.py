@@ -30,9 +30,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from .digits import (
     _FORM_SHAPES,
     NUM_DIGIT_CLASSES,
+    DigitsDataModule,
     DigitsForm,
     DigitsNormalize,
-    _check_fractions,
     load_digits_tensors,
     normalize_digits,
 )
@@ -92,6 +92,9 @@ class ContinualDataModule(LitplugDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        self._init_schedule(epochs_per_task, scenario)
+
+    def _init_schedule(self, epochs_per_task: int, scenario: Scenario) -> None:
         _require_int("epochs_per_task", epochs_per_task, 1)
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
@@ -156,8 +159,12 @@ class ContinualDataModule(LitplugDataModule):
         return self.eval_loader(self.joint_dataset("test"))
 
 
-class _DigitsTasks(ContinualDataModule):
-    """Shared setup of the digits task sequences: one seeded stratified split, normalised."""
+class _DigitsTasks(ContinualDataModule, DigitsDataModule):
+    """Shared setup of the digits task sequences: one seeded stratified split, normalised.
+
+    Also a :class:`DigitsDataModule` (the continual loaders come first in the method order), so the
+    ``litplug`` CLI, whose ``data`` argument accepts DigitsDataModule subclasses, takes it.
+    """
 
     def __init__(
         self,
@@ -171,14 +178,17 @@ class _DigitsTasks(ContinualDataModule):
         normalize: DigitsNormalize,
         num_workers: int,
     ) -> None:
-        super().__init__(epochs_per_task, scenario, batch_size, seed, num_workers)
-        _check_fractions(val_fraction, test_fraction)
-        if form not in _FORM_SHAPES:
-            raise ValueError(f"form must be one of {sorted(_FORM_SHAPES)}, got {form!r}")
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.form: DigitsForm = form
-        self.normalize: DigitsNormalize = normalize
+        DigitsDataModule.__init__(
+            self,
+            batch_size=batch_size,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            form=form,
+            normalize=normalize,
+            num_workers=num_workers,
+        )
+        self._init_schedule(epochs_per_task, scenario)
         self.tasks: list[dict[str, TensorDataset]] = []
 
     @property

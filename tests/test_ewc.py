@@ -1,0 +1,329 @@
+"""EWC: Fisher estimators against the per-sample loop, the penalty, online decay, errors, resume, effect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import quiet_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from litplug.core.continual import ContinualLearning, fit_continual
+from litplug.core.data.continual import PermutedDigitsDataModule
+from litplug.core.errors import PluginConfigError
+from litplug.core.models import MLP, SmallCNN
+from litplug.core.module import LitplugModule
+from litplug.plugins.ewc import (
+    EWC,
+    ewc_penalty,
+    fisher_diagonal,
+    fisher_diagonal_loop,
+    merge_separate,
+    online_update,
+)
+
+# -- Fisher estimators ----------------------------------------------------------------------------
+
+
+def _batches(shape: tuple[int, ...], n: int = 24, batch: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *shape, generator=generator)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+MODELS = {
+    "mlp_bn_dropout": (lambda: MLP(64, [16, 12], 10, batch_norm=True, dropout=0.3), (64,)),  # vmap for BN
+    "cnn": (lambda: SmallCNN(width=4), (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical", "batched"])
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_fisher_equals_the_per_sample_loop(model_name: str, estimator: str, method: str) -> None:
+    torch.manual_seed(0)
+    build, shape = MODELS[model_name]
+    model = build()
+    model.train()  # the estimators must switch to eval mode themselves (dropout, BN statistics)
+    batches = _batches(shape)
+    reference = fisher_diagonal_loop(model, batches, estimator, generator=torch.Generator().manual_seed(5))
+    got = fisher_diagonal(
+        model, batches, estimator, generator=torch.Generator().manual_seed(5), method=method
+    )
+    assert model.training, "the model's mode must be restored"
+    assert got.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(got[name], reference[name], atol=1e-6, rtol=1e-4), name
+    assert sum(f.sum() for f in got.values()) > 0
+
+
+def test_fast_method_covers_linear_only_models_and_refuses_others() -> None:
+    model = MLP(64, [16], 10)
+    batches = _batches((64,))
+    fast = fisher_diagonal(model, batches, "empirical", method="fast")
+    reference = fisher_diagonal_loop(model, batches, "empirical")
+    for name in reference:
+        assert torch.allclose(fast[name], reference[name], atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="not covered"):
+        fisher_diagonal(MLP(64, [16], 10, batch_norm=True), batches, method="fast")
+
+
+class _Shared(nn.Module):
+    """One Linear applied twice: its per-sample gradient is not one outer product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.tanh(self.inner(x)))
+
+
+def test_weight_sharing_falls_back_to_vmap_and_stays_exact() -> None:
+    torch.manual_seed(0)
+    model = _Shared()
+    batches = _batches((10,))
+    got = fisher_diagonal(model, batches, "exact")
+    reference = fisher_diagonal_loop(model, batches, "exact")
+    for name in reference:
+        assert torch.allclose(got[name], reference[name], atol=1e-6, rtol=1e-4)
+
+
+def test_num_samples_uses_the_first_samples_only() -> None:
+    model = MLP(64, [8], 10)
+    batches = _batches((64,))
+    first = fisher_diagonal(model, batches, num_samples=13)
+    manual = fisher_diagonal(model, [(batches[0][0], batches[0][1]), (batches[1][0][:3], batches[1][1][:3])])
+    for name in first:
+        assert torch.allclose(first[name], manual[name], atol=1e-7)
+
+
+def test_batched_estimator_is_the_square_of_the_batch_mean_gradient() -> None:
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    ((x, y),) = _batches((64,), n=10, batch=10)
+    fisher = fisher_diagonal(model, [(x, y)], "batched")
+    mean_log_p = torch.log_softmax(model(x), -1).gather(1, y[:, None]).mean()
+    grads = torch.autograd.grad(mean_log_p, list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), grads, strict=True):
+        assert torch.allclose(fisher[name], g.pow(2), atol=1e-8)
+    per_sample = fisher_diagonal(model, [(x, y)], "empirical")
+    assert sum(f.sum() for f in fisher.values()) < sum(f.sum() for f in per_sample.values())
+
+
+def test_no_samples_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one sample"):
+        fisher_diagonal(MLP(64, [8], 10), [])
+    with pytest.raises(ValueError, match="num_samples"):
+        fisher_diagonal(MLP(64, [8], 10), _batches((64,)), num_samples=0)
+
+
+# -- penalty --------------------------------------------------------------------------------------
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
+    torch.manual_seed(0)
+    model = MLP(8, [4], 3)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    assert ewc_penalty(_params(model), anchor, fisher, 10.0).item() == 0.0
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    values = []
+    for scale in (0.1, 0.2, 0.4):
+        moved = {n: anchor[n] + scale * direction[n] for n in anchor}
+        values.append(ewc_penalty(moved, anchor, fisher, 10.0).item())
+    assert 0 < values[0] < values[1] < values[2]
+    assert values[1] / values[0] == pytest.approx(4.0, rel=1e-4)
+    expected = 0.5 * 10.0 * sum((fisher[n] * (0.1 * direction[n]) ** 2).sum() for n in anchor)
+    assert values[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_parameters_added_after_the_anchor_are_not_penalised() -> None:
+    old = {"w": torch.ones(3)}
+    fisher = {"w": torch.ones(3)}
+    params = {"w": torch.full((3,), 2.0, requires_grad=True), "new_head": torch.randn(4, requires_grad=True)}
+    value = ewc_penalty(params, old, fisher, 2.0)
+    value.backward()
+    assert value.item() == pytest.approx(3.0)
+    assert params["new_head"].grad is None
+
+
+def test_merged_separate_penalty_equals_the_sum_of_per_task_penalties() -> None:
+    torch.manual_seed(0)
+    params = {"a": torch.randn(5, requires_grad=True), "b": torch.randn(2, 3, requires_grad=True)}
+    anchors = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(3)]
+    fishers = [{k: torch.rand_like(v) for k, v in params.items()} for _ in range(3)]
+    fishers[1]["a"][0] = 0.0
+    fishers[0]["a"][0] = 0.0
+    fishers[2]["a"][0] = 0.0  # an entry no task cares about
+    del anchors[0]["b"], fishers[0]["b"]  # "b" appeared after task 0
+    separate = sum(ewc_penalty(params, a, f, 3.0) for a, f in zip(anchors, fishers, strict=True))
+    total, center, offset = merge_separate(anchors, fishers)
+    merged = ewc_penalty(params, center, total, 3.0, offset)
+    assert merged.item() == pytest.approx(separate.item(), rel=1e-5)
+    g_sep = torch.autograd.grad(separate, list(params.values()))
+    g_merged = torch.autograd.grad(merged, list(params.values()))
+    for a, b in zip(g_sep, g_merged, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_online_update_decays_the_old_fisher_by_gamma() -> None:
+    old = {"w": torch.tensor([2.0, 4.0])}
+    new = {"w": torch.tensor([1.0, 1.0]), "head": torch.tensor([3.0])}
+    merged = online_update(old, new, 0.5)
+    assert torch.equal(merged["w"], torch.tensor([2.0, 3.0])) and torch.equal(merged["head"], new["head"])
+    assert torch.equal(online_update(None, new, 0.5)["w"], new["w"])
+    with pytest.raises(ValueError, match="gamma"):
+        online_update(old, new, 0.0)
+
+
+# -- plugin ---------------------------------------------------------------------------------------
+
+
+class _FakeModule:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+
+def test_plugin_online_mode_keeps_one_decayed_fisher_and_the_latest_anchor() -> None:
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    batches = _batches((64,))
+    plugin = EWC(mode="online", gamma=0.25, num_samples=None)
+    module = _FakeModule(model)
+    plugin.litplug_on_task_end(module, 0, batches)
+    first = {k: v.clone() for k, v in plugin.fishers[0].items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    plugin.litplug_on_task_end(module, 1, batches)
+    second = fisher_diagonal(model, batches, "empirical")
+    assert len(plugin.fishers) == 1 and len(plugin.anchors) == 1 and plugin.tasks == [1]
+    for name in first:
+        assert torch.allclose(plugin.fishers[0][name], 0.25 * first[name] + second[name], atol=1e-7)
+        assert torch.equal(plugin.anchors[0][name], dict(model.named_parameters())[name].detach())
+    assert plugin.penalty(model).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_plugin_separate_mode_penalises_every_task_anchor() -> None:
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    batches = _batches((64,))
+    plugin = EWC(ewc_lambda=7.0, num_samples=None)
+    module = _FakeModule(model)
+    assert plugin.litplug_extra_losses(module, "train") is None  # nothing before the first task end
+    plugin.litplug_on_task_end(module, 0, batches)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    plugin.litplug_on_task_end(module, 1, batches)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    expected = sum(
+        ewc_penalty(_params(model), a, f, 7.0) for a, f in zip(plugin.anchors, plugin.fishers, strict=True)
+    )
+    term = plugin.litplug_extra_losses(module, "train")["ewc"]
+    assert term.item() == pytest.approx(expected.item(), rel=1e-5) and term.item() > 0
+    assert plugin.litplug_extra_losses(module, "val") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"ewc_lambda": -1.0}, "ewc_lambda"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"gamma": 1.5}, "gamma"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"estimator": "fisherish"}, "estimator"),
+        ({"mode": "both"}, "mode"),
+        ({"method": "loop"}, "method"),
+    ],
+)
+def test_bad_arguments_name_the_plugin_and_argument(kwargs: dict[str, Any], argument: str) -> None:
+    with pytest.raises(PluginConfigError, match=f"'ewc': argument '{argument}'"):
+        EWC(**kwargs)
+
+
+# -- runs: forgetting and resume ------------------------------------------------------------------
+
+
+def _permuted(epochs: int = 2) -> PermutedDigitsDataModule:
+    return PermutedDigitsDataModule(num_tasks=2, epochs_per_task=epochs, batch_size=64, seed=0)
+
+
+def _module(plugins: list[Any]) -> LitplugModule:
+    return LitplugModule(
+        MLP(64, [64], 10), plugins=plugins, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    )
+
+
+def test_ewc_reduces_forgetting_on_two_permuted_tasks() -> None:
+    forgetting = {}
+    for name, plugins in (("naive", []), ("ewc", [EWC(ewc_lambda=100.0, num_samples=300)])):
+        L.seed_everything(0)
+        trainer = quiet_trainer(
+            callbacks=[ContinualLearning(results_file=None, heatmap=False)], limit_val_batches=0
+        )
+        results = fit_continual(_module(plugins), _permuted(epochs=3), trainer=trainer)
+        forgetting[name] = results.summary()["forgetting"]
+    assert forgetting["naive"] > 0.2
+    assert forgetting["ewc"] < 0.5 * forgetting["naive"], forgetting
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class _Kill(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"simulated kill at step {self.step}")
+
+
+def _resumable_run(tmp_path: Path, callbacks: list[Callback], ckpt: Path | None) -> tuple[LitplugModule, Any]:
+    L.seed_everything(0)
+    module = _module([EWC(ewc_lambda=50.0, num_samples=200)])
+    driver = ContinualLearning(results_file=None, heatmap=False)
+    trainer = quiet_trainer(
+        callbacks=[driver, *callbacks],
+        limit_val_batches=0,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        deterministic=True,
+    )
+    try:
+        trainer.fit(module, datamodule=_permuted(epochs=2), ckpt_path=ckpt)
+    except Killed:
+        pass
+    return module, driver
+
+
+def test_a_run_killed_in_task_one_resumes_to_identical_weights_and_ewc_state(tmp_path: Path) -> None:
+    reference, ref_driver = _resumable_run(tmp_path, [], None)
+    steps_per_epoch = 20  # 1257 training digits at batch 64
+    kill_at = 2 * steps_per_epoch + 5  # inside task 1, after task 0's Fisher
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=kill_at - 1, save_top_k=-1)
+    _resumable_run(tmp_path, [saver, _Kill(kill_at)], None)
+    checkpoint = tmp_path / f"epoch=2-step={kill_at - 1}.ckpt"
+    assert checkpoint.exists(), sorted(p.name for p in tmp_path.iterdir())
+    resumed, res_driver = _resumable_run(tmp_path, [], checkpoint)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    ref_ewc, res_ewc = reference.get_plugin("ewc"), resumed.get_plugin("ewc")
+    assert ref_ewc.tasks == res_ewc.tasks == [0, 1]
+    for a, b in zip(ref_ewc.fishers + ref_ewc.anchors, res_ewc.fishers + res_ewc.anchors, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    assert ref_driver.matrix == res_driver.matrix and len(ref_driver.matrix) == 2

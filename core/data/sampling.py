@@ -185,6 +185,11 @@ class LitplugDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
+        epochs: Any = trainer.fit_loop.epoch_progress.current
+        if epochs.completed >= epochs.started:
+            # The interrupted epoch was closed (a run that stopped at max_steps): Lightning starts
+            # the next epoch, so its first batch is the next epoch's first.
+            return 0
         progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
         # A checkpoint saved in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) has
         # `completed` one behind: that batch was processed but Lightning counts it completed only

@@ -42,3 +42,22 @@ def test_wandb_config_writes_an_offline_run_with_the_plugin_order(tmp_path: Path
     assert runs, "no offline W&B run directory was written"
     records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))  # the offline run's log
     assert b"litplug/plugin_order" in records
+
+
+def test_no_secret_reaches_configs_checkpoints_or_logs(tmp_path: Path, monkeypatch) -> None:
+    """A W&B API key in the environment is never written into anything the run leaves behind."""
+    secret = "litplug-test-secret-0123456789abcdef"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    config = Path(__file__).resolve().parent.parent / "configs" / "wandb.yaml"
+    args = ["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
+    assert main(args) == 0
+    import wandb
+
+    wandb.finish()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in written) and any(p.suffix == ".wandb" for p in written)
+    leaking = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert leaking == []

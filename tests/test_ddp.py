@@ -159,3 +159,11 @@ def test_lr_scaling_is_applied_once_and_survives_resume(tmp_path: Path) -> None:
     assert fit(2, DistributedPlugins(lr_scaling="linear", base_batch_size=4)) == pytest.approx(0.04)
     resumed = fit(3, DistributedPlugins(lr_scaling="linear", base_batch_size=4), tmp_path / "c.ckpt")
     assert resumed == pytest.approx(0.04)  # not scaled a second time
+
+
+def test_gpu_check_script_dry_runs_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from litplug.callbacks.ddp.gpu_check import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--accelerator", "cpu", "--devices", "1", "--precision", "32-true", "--steps", "2"]
+    assert main([*args, "--only", "no-plugin"]) == 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
 from litplug.core.data import DigitsDataModule
 from litplug.core.errors import PluginConfigError
 from litplug.core.models import MLP

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import quiet_trainer
+from torchmetrics.classification import MulticlassCalibrationError
+
 from litplug.core.data import DigitsDataModule
 from litplug.core.errors import PluginConfigError
 from litplug.core.metrics import ClassificationMetrics
@@ -30,7 +32,6 @@ from litplug.plugins.ensemble import (
     sum_of_member_losses,
     time_forward_paths,
 )
-from torchmetrics.classification import MulticlassCalibrationError
 
 
 def _stack(model_fn, members: int = 3, seed: int = 0) -> MemberStack:

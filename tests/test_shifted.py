@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from litplug.core.data import DigitsDataModule
 from litplug.core.data.shifted import (
     SHIFT_KINDS,

@@ -19,9 +19,7 @@ from litplug.core.module import LitplugModule
 from litplug.plugins.distill import save_teacher_checkpoint
 from litplug.plugins.ensemble import DeepEnsemble
 
-ASSET = (
-    Path(__file__).resolve().parents[2] / "plugins" / "distill" / "assets" / "digits_ensemble3_mlp128.pt"
-)
+ASSET = Path(__file__).resolve().parents[2] / "plugins" / "distill" / "assets" / "digits_ensemble3_mlp128.pt"
 
 
 def train_teacher(epochs: int = 15, seed: int = 0, members: int = 3, hidden: int = 128) -> LitplugModule:

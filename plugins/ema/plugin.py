@@ -8,10 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from litplug.core.hookspecs import hookimpl
-from litplug.core.plugin import Plugin
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
+
+from litplug.core.hookspecs import hookimpl
+from litplug.core.plugin import Plugin
 
 from .functional import make_averaged_model
 

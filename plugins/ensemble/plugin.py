@@ -7,11 +7,12 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from torch import Tensor, nn
+
 from litplug.core.hookspecs import hookimpl
 from litplug.core.metrics import flatten_classes
 from litplug.core.plots import ReliabilityRecorder
 from litplug.core.plugin import Plugin
-from torch import Tensor, nn
 
 from .functional import (
     FORWARD_PATHS,

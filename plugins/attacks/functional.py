@@ -228,7 +228,7 @@ def pgd(
 
     Args:
         epsilon: radius of the perturbation ball in ``norm``.
-        step_size: step per iteration; default ``2.5 * epsilon / steps`` (Madry et al.'s rule),
+        step_size: step per iteration; default ``min(epsilon, 2.5 * epsilon / steps)`` (Madry et al.'s rule),
             which lets ``steps`` steps travel past the ball's edge.
         steps: gradient steps per restart.
         use_random_start: start each restart from a random point in the ball.
@@ -238,14 +238,17 @@ def pgd(
         allow_large_step: permit ``step_size > epsilon`` (usually a configuration mistake).
     """
     if step_size is None:
-        step_size = 2.5 * epsilon / steps
+        check_attack_arguments(epsilon, steps, None, norm, loss, restarts)
+        step_size = min(epsilon, 2.5 * epsilon / steps)
     check_attack_arguments(epsilon, steps, step_size, norm, loss, restarts, allow_large_step)
     best = _pgd_once(model, x, targets, epsilon, step_size, steps, norm, loss, use_random_start, clip)
     if restarts == 1:
         return best
     best_fooled, best_loss = _worse(model, best, targets, loss)
     for _ in range(restarts - 1):
-        candidate = _pgd_once(model, x, targets, epsilon, step_size, steps, norm, loss, use_random_start, clip)
+        candidate = _pgd_once(
+            model, x, targets, epsilon, step_size, steps, norm, loss, use_random_start, clip
+        )
         fooled, value = _worse(model, candidate, targets, loss)
         better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (value > best_loss))
         mask = better.view(-1, *([1] * (x.dim() - 1)))
@@ -301,7 +304,9 @@ def evaluation_attack_context(model: nn.Module, seed: int | None = None) -> Iter
             "evaluates under it by default): build the Trainer with inference_mode=False "
             "(YAML: trainer.inference_mode: false)"
         )
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
     with torch.random.fork_rng(devices=devices), model_mode(model, False), frozen_batchnorm_stats(model):
         if seed is not None:
             torch.manual_seed(seed)

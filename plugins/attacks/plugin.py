@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
-from torch import Tensor, nn
 
 from .functional import (
     LOSSES,
@@ -23,8 +25,8 @@ from .functional import (
 ATTACKS = ("fgsm", "pgd", "margin_pgd")
 
 
-def inference_mode_loops(trainer: Any, stages: list[str]) -> list[str]:
-    """Names of the Trainer's evaluation loops for ``stages`` that run under torch.inference_mode."""
+def inference_mode_loops(trainer: Any, stages: list[str]) -> list[tuple[str, Any]]:
+    """``(name, loop)`` of the Trainer's evaluation loops for ``stages`` that use torch.inference_mode."""
     loops = {
         "val": [("fit validation", "fit_loop.epoch_loop.val_loop"), ("validate", "validate_loop")],
         "test": [("test", "test_loop")],
@@ -36,7 +38,7 @@ def inference_mode_loops(trainer: Any, stages: list[str]) -> list[str]:
             for attribute in path.split("."):
                 loop = getattr(loop, attribute, None)
             if loop is not None and getattr(loop, "inference_mode", False):
-                found.append(label)
+                found.append((label, loop))
     return found
 
 
@@ -47,9 +49,10 @@ class RobustEvaluation(Plugin):
     the core's ``<stage>/acc``). Attacks run in eval mode on a forked, seeded RNG, so they change
     neither the model's modes, its BatchNorm statistics nor the training random stream.
 
-    Lightning evaluates under ``torch.inference_mode`` by default, which forbids autograd: this
-    plugin requires ``Trainer(inference_mode=False)`` (YAML ``trainer.inference_mode: false``) and
-    says so at setup otherwise.
+    Lightning evaluates under ``torch.inference_mode`` by default, which forbids autograd. Attacks
+    need ``Trainer(inference_mode=False)`` (YAML ``trainer.inference_mode: false``): by default the
+    plugin switches the evaluation loops it attacks in to ``torch.no_grad`` at setup and warns;
+    with ``force_no_inference_mode=False`` it raises a clear error instead.
 
     Args:
         epsilons: perturbation radii in the data's scale (digits with ``normalize="unit"``: [0, 1]).
@@ -63,6 +66,8 @@ class RobustEvaluation(Plugin):
         max_batches: attack only the first this many batches of each evaluation epoch (``None``: all).
         clip_min, clip_max: valid input range; both ``None`` for unbounded inputs.
         seed: seed of the attacks' random starts (forked RNG; evaluation is repeatable).
+        force_no_inference_mode: switch the Trainer's evaluation loops off inference mode (warns)
+            instead of raising.
     """
 
     name = "robust_eval"
@@ -80,6 +85,7 @@ class RobustEvaluation(Plugin):
         clip_min: float | None = 0.0,
         clip_max: float | None = 1.0,
         seed: int = 0,
+        force_no_inference_mode: bool = True,
     ) -> None:
         epsilons = [0.1] if epsilons is None else [float(e) for e in epsilons]
         attacks = list(ATTACKS) if attacks is None else list(attacks)
@@ -91,7 +97,9 @@ class RobustEvaluation(Plugin):
         for attack in attacks:
             self.check_choice("attacks", attack, ATTACKS)
         self.check_choice("norm", norm, NORMS)
-        self.check(isinstance(pgd_steps, int) and pgd_steps >= 1, "pgd_steps", f"must be >= 1, got {pgd_steps!r}")
+        self.check(
+            isinstance(pgd_steps, int) and pgd_steps >= 1, "pgd_steps", f"must be >= 1, got {pgd_steps!r}"
+        )
         self.check_range("step_size_factor", step_size_factor, low=0.0, low_inclusive=False)
         self.check(
             step_size_factor <= pgd_steps,
@@ -110,7 +118,9 @@ class RobustEvaluation(Plugin):
             "max_batches",
             f"must be None or >= 1, got {max_batches!r}",
         )
-        self.check((clip_min is None) == (clip_max is None), "clip_min", "and clip_max must both be set or both None")
+        self.check(
+            (clip_min is None) == (clip_max is None), "clip_min", "and clip_max must both be set or both None"
+        )
         if clip_min is not None and clip_max is not None:
             self.check(clip_min < clip_max, "clip_min", f"must be < clip_max, got {clip_min} >= {clip_max}")
         self.epsilons = epsilons
@@ -124,11 +134,12 @@ class RobustEvaluation(Plugin):
         self.clip_min = clip_min
         self.clip_max = clip_max
         self.seed = seed
+        self.force_no_inference_mode = force_no_inference_mode
         self._batches_seen = 0
 
     @classmethod
     def example(cls) -> RobustEvaluation:
-        return cls(epsilons=[0.1], pgd_steps=2, margin_restarts=1, max_batches=1)
+        return cls(epsilons=[0.1], pgd_steps=3, margin_restarts=1, max_batches=1)
 
     @property
     def clip(self) -> tuple[float, float] | None:
@@ -139,12 +150,22 @@ class RobustEvaluation(Plugin):
     @hookimpl
     def litplug_check_setup(self, trainer: Any) -> None:
         loops = inference_mode_loops(trainer, self.stages)
+        if not loops:
+            return
+        names = ", ".join(name for name, _ in loops)
         self.check(
-            not loops,
+            self.force_no_inference_mode,
             "trainer.inference_mode",
-            f"must be False: the {', '.join(loops)} loop(s) run under torch.inference_mode, which forbids "
+            f"must be False: the {names} loop(s) run under torch.inference_mode, which forbids "
             "the gradients an attack needs; build the Trainer with inference_mode=False "
             "(YAML: trainer.inference_mode: false)",
+        )
+        for _, loop in loops:
+            loop.inference_mode = False
+        rank_zero_warn(
+            f"robust_eval: the {names} loop(s) ran under torch.inference_mode, which forbids the "
+            "gradients attacks need; switched them to torch.no_grad. Set Trainer(inference_mode=False) "
+            "(YAML: trainer.inference_mode: false) to silence this."
         )
 
     @hookimpl
@@ -152,7 +173,9 @@ class RobustEvaluation(Plugin):
         self._batches_seen = 0
 
     @hookimpl
-    def litplug_eval_step(self, module: Any, batch: Any, targets: Tensor, stage: str) -> dict[str, Tensor] | None:
+    def litplug_eval_step(
+        self, module: Any, batch: Any, targets: Tensor, stage: str
+    ) -> dict[str, Tensor] | None:
         if stage not in self.stages:
             return None
         self._batches_seen += 1
@@ -194,7 +217,16 @@ def robust_accuracies(
         for eps in epsilons:
             for attack in attacks:
                 x_adv = run_named_attack(
-                    model, inputs, targets, attack, eps, norm, pgd_steps, step_size_factor, margin_restarts, clip
+                    model,
+                    inputs,
+                    targets,
+                    attack,
+                    eps,
+                    norm,
+                    pgd_steps,
+                    step_size_factor,
+                    margin_restarts,
+                    clip,
                 )
                 with torch.no_grad():
                     correct = (model(x_adv).argmax(dim=1) == targets).float().mean()
@@ -222,5 +254,7 @@ def run_named_attack(
     if attack == "pgd":
         return pgd(model, inputs, targets, epsilon, step_size, pgd_steps, norm, "ce", True, 1, clip)
     if attack == "margin_pgd":
-        return pgd(model, inputs, targets, epsilon, step_size, pgd_steps, norm, "margin", True, margin_restarts, clip)
+        return pgd(
+            model, inputs, targets, epsilon, step_size, pgd_steps, norm, "margin", True, margin_restarts, clip
+        )
     raise AttackConfigError("attack", f"must be one of {ATTACKS} (losses {LOSSES}), got {attack!r}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 from typing import Literal
 
-from litplug.plugins.attacks.functional import AttackLoss, Norm, frozen_batchnorm_stats, model_mode, pgd
 from torch import Tensor, nn
+
+from litplug.plugins.attacks.functional import AttackLoss, Norm, frozen_batchnorm_stats, model_mode, pgd
 
 __all__ = ["AttackMode", "adversarial_training_inputs"]
 

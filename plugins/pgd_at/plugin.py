@@ -52,7 +52,9 @@ class PGDAdversarialTraining(Plugin):
         self.check_choice("norm", norm, NORMS)
         self.check_choice("loss", loss, LOSSES)
         self.check_choice("attack_mode", attack_mode, ("eval", "train"))
-        self.check((clip_min is None) == (clip_max is None), "clip_min", "and clip_max must both be set or both None")
+        self.check(
+            (clip_min is None) == (clip_max is None), "clip_min", "and clip_max must both be set or both None"
+        )
         self.epsilon = epsilon
         self.steps = steps
         self.step_size = step_size

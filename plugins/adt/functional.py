@@ -1,0 +1,327 @@
+"""Adversarial distributional training (Dong et al., NeurIPS 2020), pure torch.
+
+ADT replaces PGD's single worst-case perturbation by a worst-case *distribution* of perturbations:
+
+    min_theta  E_(x,y) [ max_p  E_{delta ~ p} CE(f_theta(x + delta), y) + lambda * H(p) ]
+
+with an entropy bonus H(p) that keeps p spread out. Three parameterisations of p:
+
+- ADT_EXP (:func:`adt_exp_inputs`): per example and coordinate ``delta = eps * tanh(mu + softplus(v) * n)``,
+  ``n ~ N(0, I)``, (mu, v) found per batch by a few signed (Adam with betas (0, 0)) ascent steps
+  on a Monte Carlo estimate of the objective.
+- ADT_EXP-AM (:func:`amortized_inputs` with ``variant="exp_am"``): a generator network maps
+  ``[x, grad at x, grad at an FGSM point]`` to (mu, v); trained jointly with the classifier
+  through a gradient reversal (one backward: classifier down, generator up).
+- ADT_IMP-AM (``variant="imp_am"``): the generator also takes noise ``z ~ U(-1, 1)^k`` and outputs
+  the perturbation directly; its entropy is kept up by an encoder ``q(z | delta, x)``: the penalty
+  ``lambda * relu(-E log q(z | delta, x) - threshold)`` punishes a generator whose output no longer
+  tells which noise made it (a collapsed, low-entropy distribution).
+
+Sign convention (tested): :func:`tanh_gaussian_entropy` estimates the entropy ``H = E[-log p(delta)]``
+(up to the constant ``0.5 log(2 pi) + log eps`` per coordinate); the inner problem *maximises*
+``CE + lambda * H``, so a larger ``lambda`` gives a wider distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litplug.plugins.attacks.functional import input_gradient
+
+__all__ = [
+    "AmortizedVariant",
+    "EncoderNet",
+    "GeneratorNet",
+    "adt_exp_inputs",
+    "amortized_inputs",
+    "grad_reverse",
+    "implicit_entropy_penalty",
+    "signed_adam_step",
+    "tanh_gaussian_entropy",
+    "tanh_gaussian_sample",
+]
+
+AmortizedVariant = Literal["exp_am", "imp_am"]
+Clip = tuple[float, float] | None
+_LOG_EPS = 1e-8
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _clip(x: Tensor, clip: Clip) -> Tensor:
+    return x if clip is None else x.clamp(clip[0], clip[1])
+
+
+# -- the explicit (tanh-Gaussian) distribution -------------------------------------------------------
+
+
+def tanh_gaussian_sample(mu: Tensor, v: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tanh(u), -log p)`` per coordinate for ``u = mu + softplus(v) * noise``.
+
+    ``-log p(tanh u) = n^2 / 2 + log sigma + log(1 - tanh(u)^2)`` + const (change of variables);
+    the constant ``0.5 log(2 pi)`` (and ``log eps`` once scaled by eps) is left out.
+    """
+    sigma = F.softplus(v)
+    unit = torch.tanh(mu + sigma * noise)
+    negative_log_p = noise.pow(2) / 2 + (sigma + _LOG_EPS).log() + (1 - unit.pow(2) + _LOG_EPS).log()
+    return unit, negative_log_p
+
+
+def tanh_gaussian_entropy(mu: Tensor, v: Tensor, noise: Tensor) -> Tensor:
+    """Monte Carlo entropy estimate, averaged over every coordinate (and the samples in ``noise``'s
+    leading dimensions): the mean of ``-log p`` from :func:`tanh_gaussian_sample`."""
+    return tanh_gaussian_sample(mu, v, noise)[1].mean()
+
+
+def signed_adam_step(param: Tensor, grad: Tensor, lr: float, eps: float = 1e-8) -> Tensor:
+    """One *ascent* step of Adam with ``betas=(0, 0)``: ``param + lr * g / (|g| + eps)``.
+
+    With both betas 0 Adam's moments are the current gradient and its square and both bias
+    corrections are 1, so the step is exactly this (a signed step, as in the paper's code).
+    """
+    return param + lr * grad / (grad.abs() + eps)
+
+
+def adt_exp_inputs(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor,
+    epsilon: float,
+    steps: int = 7,
+    lr: float = 0.3,
+    samples: int = 5,
+    entropy_weight: float = 0.01,
+    clip: Clip = (0.0, 1.0),
+    mu_init: Tensor | None = None,
+    v_init: Tensor | None = None,
+    return_parameters: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """ADT_EXP: fit (mu, v) per example by ``steps`` signed ascent steps, then draw one sample.
+
+    Each step draws ``samples`` noises per example, evaluates the model once on all of them
+    (a batch of ``samples * B``) and ascends ``sum CE + lambda * samples * mean(-log p)`` (the
+    paper code's scaling: CE summed over examples, entropy averaged over coordinates, per sample).
+    Returns the detached training inputs ``clip(x + eps * tanh(mu + sigma * n))`` (and, with
+    ``return_parameters``, the final mu and v). The caller picks the model's mode; parameter
+    ``.grad`` fields are untouched (gradients are taken with respect to mu and v only).
+    """
+    x = x.detach()
+    mu = torch.zeros_like(x) if mu_init is None else mu_init.detach().clone()
+    v = torch.zeros_like(x) if v_init is None else v_init.detach().clone()
+    tiled_x = x.unsqueeze(0).expand(samples, *x.shape)
+    tiled_targets = targets.repeat(samples)
+    for _ in range(steps):
+        with torch.enable_grad():
+            mu.requires_grad_(True)
+            v.requires_grad_(True)
+            noise = torch.randn_like(tiled_x)
+            unit, negative_log_p = tanh_gaussian_sample(mu, v, noise)
+            x_adv = _clip(tiled_x + epsilon * unit, clip)
+            logits = model(x_adv.reshape(samples * x.shape[0], *x.shape[1:]))
+            objective = F.cross_entropy(logits, tiled_targets, reduction="sum")
+            objective = objective + entropy_weight * samples * negative_log_p.mean()
+            grad_mu, grad_v = torch.autograd.grad(objective, (mu, v))
+        mu = signed_adam_step(mu.detach(), grad_mu, lr)
+        v = signed_adam_step(v.detach(), grad_v, lr)
+    unit, _ = tanh_gaussian_sample(mu, v, torch.randn_like(x))
+    x_adv = _clip(x + epsilon * unit, clip).detach()
+    if return_parameters:
+        return x_adv, mu, v
+    return x_adv
+
+
+# -- amortised generators ----------------------------------------------------------------------------
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return -grad
+
+
+def grad_reverse(x: Tensor) -> Tensor:
+    """Identity forward, negated gradient backward: what descends the classifier ascends the generator."""
+    return _GradReverse.apply(x)
+
+
+class _ResidualMLPBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.relu(h + self.body(h))
+
+
+class _ResidualConvBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.relu(h + self.body(h))
+
+
+class GeneratorNet(nn.Module):
+    """A small residual network with BatchNorm mapping ``[x, g1, g2]`` (and noise) to per-coordinate
+    outputs: ``out_per_input`` maps of the input's shape (2 for (mu, v), 1 for a perturbation).
+
+    Images ``[C, H, W]`` get a conv ResNet (noise enters as ``C`` extra channels through a linear
+    map); anything else is flattened and gets a residual MLP.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        out_per_input: int,
+        noise_dim: int = 0,
+        width: int = 128,
+        blocks: int = 2,
+    ) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.out_per_input = out_per_input
+        self.noise_dim = noise_dim
+        self.is_image = len(self.input_shape) == 3
+        numel = math.prod(self.input_shape)
+        if self.is_image:
+            channels = self.input_shape[0]
+            self.noise_map = nn.Linear(noise_dim, numel) if noise_dim else None
+            in_channels = channels * (3 + (1 if noise_dim else 0))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+            )
+            self.blocks = nn.Sequential(*[_ResidualConvBlock(width) for _ in range(blocks)])
+            self.head = nn.Conv2d(width, channels * out_per_input, 3, padding=1)
+        else:
+            self.noise_map = None
+            self.stem = nn.Sequential(
+                nn.Linear(3 * numel + noise_dim, width), nn.BatchNorm1d(width), nn.ReLU()
+            )
+            self.blocks = nn.Sequential(*[_ResidualMLPBlock(width) for _ in range(blocks)])
+            self.head = nn.Linear(width, numel * out_per_input)
+        # Start near zero output (mu = v = 0 as ADT_EXP does; a small implicit perturbation).
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+
+    def forward(self, x: Tensor, g1: Tensor, g2: Tensor, noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        batch = x.shape[0]
+        if self.is_image:
+            parts = [x, g1, g2]
+            if self.noise_map is not None and noise is not None:
+                parts.append(self.noise_map(noise).view(batch, *self.input_shape))
+            out = self.head(self.blocks(self.stem(torch.cat(parts, dim=1))))
+            return out.chunk(self.out_per_input, dim=1)
+        parts = [x.flatten(1), g1.flatten(1), g2.flatten(1)]
+        if self.noise_dim and noise is not None:
+            parts.append(noise)
+        out = self.head(self.blocks(self.stem(torch.cat(parts, dim=1))))
+        return tuple(
+            chunk.reshape(batch, *self.input_shape) for chunk in out.chunk(self.out_per_input, dim=1)
+        )
+
+
+class EncoderNet(nn.Module):
+    """``q(z | delta, x)``: a diagonal Gaussian over the generator's noise (ADT_IMP-AM's entropy)."""
+
+    def __init__(self, input_shape: tuple[int, ...], noise_dim: int, width: int = 128) -> None:
+        super().__init__()
+        numel = math.prod(input_shape)
+        self.net = nn.Sequential(
+            nn.Linear(2 * numel, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 2 * noise_dim),
+        )
+
+    def forward(self, unit_delta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_std = self.net(torch.cat([unit_delta.flatten(1), x.flatten(1)], dim=1)).chunk(2, dim=1)
+        return mean, log_std.clamp(-6.0, 2.0)
+
+
+def implicit_entropy_penalty(
+    encoder: EncoderNet, unit_delta: Tensor, x: Tensor, noise: Tensor, weight: float, threshold: float = 0.9
+) -> Tensor:
+    """``weight * relu(-E log q(z | delta, x) - threshold)``, ``-log q`` averaged over noise dims."""
+    mean, log_std = encoder(unit_delta, x)
+    negative_log_q = 0.5 * ((noise - mean) / log_std.exp()).pow(2) + log_std + HALF_LOG_2PI
+    return weight * F.relu(negative_log_q.mean() - threshold)
+
+
+def _normalised(grad: Tensor) -> Tensor:
+    """Per-example standardised gradient: raw input gradients span orders of magnitude."""
+    flat = grad.flatten(1)
+    scale = flat.std(dim=1, keepdim=True).clamp_min(1e-12)
+    return (flat / scale).view_as(grad)
+
+
+def generator_features(
+    model: nn.Module, x: Tensor, targets: Tensor, epsilon: float, clip: Clip
+) -> tuple[Tensor, Tensor]:
+    """The generator's gradient inputs: CE gradient at ``x`` and at the FGSM point (2 passes)."""
+    grad_clean, _ = input_gradient(model, x, targets, "ce")
+    x_fgsm = _clip(x + epsilon * grad_clean.sign(), clip)
+    grad_fgsm, _ = input_gradient(model, x_fgsm, targets, "ce")
+    return _normalised(grad_clean), _normalised(grad_fgsm)
+
+
+def amortized_inputs(
+    model: nn.Module,
+    generator: GeneratorNet,
+    x: Tensor,
+    targets: Tensor,
+    epsilon: float,
+    variant: AmortizedVariant,
+    entropy_weight: float,
+    encoder: EncoderNet | None = None,
+    entropy_threshold: float = 0.9,
+    clip: Clip = (0.0, 1.0),
+) -> tuple[Tensor, Tensor]:
+    """ADT_EXP-AM / ADT_IMP-AM: ``(training inputs, generator regulariser)``.
+
+    The training inputs carry the generator's graph through :func:`grad_reverse`, so the ordinary
+    backward of the classifier's loss also gives the generator the gradient that *ascends* that loss.
+    The regulariser is to be *minimised* by the generator (and encoder): ``-lambda * H`` for
+    ``exp_am`` (so H is maximised), the encoder penalty for ``imp_am``; it does not depend on the
+    classifier's parameters. Gradient features are computed with the model in whatever mode the
+    caller set; the generator runs in its own (training) mode.
+    """
+    x = x.detach()
+    g1, g2 = generator_features(model, x, targets, epsilon, clip)
+    if variant == "exp_am":
+        mu, v = generator(x, g1, g2)
+        unit, negative_log_p = tanh_gaussian_sample(mu, v, torch.randn_like(x))
+        regulariser = -entropy_weight * negative_log_p.mean()
+    elif variant == "imp_am":
+        if encoder is None:
+            raise ValueError("variant 'imp_am' needs an encoder")
+        noise = torch.rand(x.shape[0], generator.noise_dim, device=x.device, dtype=x.dtype) * 2 - 1
+        (raw,) = generator(x, g1, g2, noise)
+        unit = torch.tanh(raw)
+        regulariser = implicit_entropy_penalty(encoder, unit, x, noise, entropy_weight, entropy_threshold)
+    else:
+        raise ValueError(f"variant must be 'exp_am' or 'imp_am', got {variant!r}")
+    x_adv = _clip(x + epsilon * grad_reverse(unit), clip)
+    return x_adv, regulariser

@@ -22,3 +22,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs without a logger write results, plots and lightning_logs to the working directory:
+    keep every test's files in its own temporary directory, never in the checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -34,10 +35,9 @@ class LitplugCLI(LightningCLI):
     """LightningCLI for :class:`LitplugModule` with any LightningDataModule (digits by default)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from litplug.core.data import DigitsDataModule
-
         kwargs.setdefault("model_class", LitplugModule)
-        kwargs.setdefault("datamodule_class", DigitsDataModule)
+        # Any LightningDataModule by class_path; the digits are only the default (set in the parser).
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from litplug.core import distributed
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
 from litplug.plugins.attacks.functional import frozen_batchnorm_stats, model_mode
@@ -46,6 +47,7 @@ class AdversarialDistributionalTraining(Plugin):
     """
 
     name = "adt"
+    stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("pgd_at",)
 
     def __init__(
@@ -229,6 +231,12 @@ class AdversarialDistributionalTraining(Plugin):
     def litplug_on_before_optimizer_step(self) -> None:
         """Step the generator with the gradients the classifier's backward left (reversed) on it."""
         if self.generator_optimizer is not None:
+            # DDP averages the classifier's gradients only; the generator is the plugin's own
+            # network, so average its gradients here or the ranks' generators drift apart.
+            for group in self.generator_optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        distributed.all_reduce_mean_(param.grad)
             self.generator_optimizer.step()
             self.generator_optimizer.zero_grad(set_to_none=True)
 

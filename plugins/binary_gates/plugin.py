@@ -88,6 +88,7 @@ class BinaryGatesPlugin(Plugin):
     """
 
     name = "binary_gates"
+    stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     requires = ("lstm",)
 
     def __init__(

@@ -41,6 +41,7 @@ class MIMO(Plugin):
     """
 
     name = "mimo"
+    stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("ensemble",)  # both replace the loss and the prediction rule
 
     def __init__(

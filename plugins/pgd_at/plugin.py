@@ -29,6 +29,7 @@ class PGDAdversarialTraining(Plugin):
     """
 
     name = "pgd_at"
+    stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("adt",)
 
     def __init__(

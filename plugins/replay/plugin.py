@@ -38,6 +38,8 @@ class Replay(Plugin):
     """
 
     name: ClassVar[str] = "replay"
+    stochastic_training = True  # reservoir sampling and replayed draws use the training RNG
+    rank_local_state = True  # under DDP each rank keeps a memory of its own shard
     supports_ddp: ClassVar[bool] = True  # each rank keeps a memory of its own shard
 
     def __init__(

@@ -1,0 +1,427 @@
+"""Uncertainty benchmark: a single SmallCNN vs deep ensembles vs MIMO vs weight EMA, on the digits
+test split and on shifted digits (Gaussian noise, rotations, translations at 5 severities).
+
+Reports accuracy, NLL, ECE (15 bins, the core metric) and Brier score (mean +- std over seeds),
+MIMO's and the ensembles' NLL next to their own members' NLL, training-time and inference-time
+ratios to the single model, and two speed targets measured side by side (interleaved repeats,
+medians): MIMO M=3 evaluation forward vs the single model, and a vectorised (vmap) ensemble of 4 vs
+its 4 members run one after another.
+
+    /work/venv/bin/python benchmarks/uncertainty/run.py            # full run, writes RESULTS.md
+    /work/venv/bin/python benchmarks/uncertainty/run.py --quick    # smoke run (1 seed, 2 epochs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from litplug.core.data import DigitsDataModule
+from litplug.core.data.shifted import shifted_digits_test_sets
+from litplug.core.metrics import ClassificationMetrics
+from litplug.core.models import SmallCNN
+from litplug.core.module import LitplugModule
+from litplug.core.plots import calibration_bins, plot_reliability_diagram
+from litplug.core.plugin import Plugin
+from litplug.plugins.ensemble import DeepEnsemble, time_forward_paths
+from litplug.plugins.mimo import MIMO
+from litplug.plugins.mimo import member_metrics as mimo_member_metrics
+
+try:  # built in parallel by a teammate; the benchmark says so when it is missing
+    from litplug.plugins.ema import EMA
+except ImportError:  # pragma: no cover - depends on the checkout
+    EMA = None  # type: ignore[assignment,misc]
+
+HERE = Path(__file__).resolve().parent
+METRICS = ("acc", "nll", "ece", "brier")
+
+
+@dataclass
+class Method:
+    name: str
+    make_plugins: Callable[[], list[Plugin]]
+    members: int = 1  # ensemble size or MIMO M (for member NLL)
+    kind: str = "single"  # single | ensemble | mimo | ema
+
+
+@dataclass
+class Trained:
+    method: Method
+    module: LitplugModule
+    train_seconds: float
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # test set -> metric -> value
+
+
+def build_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
+    methods = [Method("single", lambda: [])]
+    for n in (3, 4):
+        methods.append(
+            Method(
+                f"ensemble N={n}",
+                lambda n=n: [DeepEnsemble(num_members=n, path="auto", reliability_diagram=False)],
+                n,
+                "ensemble",
+            )
+        )
+    for m in (2, 3, 4):
+        for rho in args.rhos:
+            methods.append(
+                Method(
+                    f"MIMO M={m} rho={rho:g}",
+                    lambda m=m, rho=rho: [MIMO(m, rho, args.batch_repetitions, reliability_diagram=False)],
+                    m,
+                    "mimo",
+                )
+            )
+    missing = []
+    if EMA is not None:
+        methods.append(Method(f"EMA decay={args.ema_decay:g}", lambda: [EMA(decay=args.ema_decay)], 1, "ema"))
+    else:
+        missing.append("EMA (litplug.plugins.ema not importable in this checkout)")
+    return methods, missing
+
+
+def train(method: Method, seed: int, args: argparse.Namespace) -> Trained:
+    L.seed_everything(seed, verbose=False)
+    module = LitplugModule(
+        SmallCNN(width=args.width),
+        plugins=method.make_plugins(),
+        optimizer=lambda params: torch.optim.Adam(params, lr=args.lr),
+        lr_scheduler=(
+            (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs))
+            if args.cosine
+            else None
+        ),
+    )
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(args.tmp),
+    )
+    data = DigitsDataModule(batch_size=args.batch_size, seed=seed, form="image")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    return Trained(method, module, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def eval_forward(module: LitplugModule, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The evaluation path of one test batch: transform (MIMO tiles) -> forward -> log-probs."""
+    batch_inputs, _ = module.hooks.transform_batch(module=module, batch=(inputs, targets), stage="test")
+    outputs = module(batch_inputs)
+    return module.log_probs(outputs, "test"), outputs
+
+
+def member_nll(trained: Trained, outputs: Tensor, targets: Tensor) -> float:
+    """Mean NLL of the individual members (MIMO heads / ensemble members); the model itself otherwise."""
+    kind = trained.method.kind
+    if kind == "mimo":
+        return float(mimo_member_metrics(outputs, targets, trained.method.members)["member_nll"])
+    if kind == "ensemble":  # outputs [N, B, K]
+        log_probs = F.log_softmax(outputs.float(), -1)
+        return float(-log_probs.gather(-1, targets.expand(outputs.shape[0], -1).unsqueeze(-1)).mean())
+    return float(F.cross_entropy(outputs.float(), targets))
+
+
+def score(trained: Trained, test_sets: dict[str, Any]) -> None:
+    module = trained.module
+    module.eval()
+    module.hooks.on_eval_start(module=module, stage="test")  # EMA swaps its weights in here
+    try:
+        for name, dataset in test_sets.items():
+            inputs, targets = dataset.tensors
+            log_probs, outputs = eval_forward(module, inputs, targets)
+            metrics = ClassificationMetrics(num_classes=10)
+            metrics.update(log_probs, targets)
+            values = {k: float(m.compute()) for k, m in metrics.metrics().items()}
+            values["member_nll"] = member_nll(trained, outputs, targets)
+            trained.scores[name] = values
+    finally:
+        module.hooks.on_eval_end(module=module, stage="test")
+
+
+def time_inference(runs: list[Trained], inputs: Tensor, targets: Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of the evaluation path per method, repeats interleaved across methods."""
+    samples: dict[str, list[float]] = {r.method.name: [] for r in runs}
+    for run in runs:
+        run.module.eval()
+        run.module.hooks.on_eval_start(module=run.module, stage="test")
+        eval_forward(run.module, inputs, targets)  # warm-up
+    try:
+        for _ in range(repeats):
+            for run in runs:
+                start = time.perf_counter()
+                eval_forward(run.module, inputs, targets)
+                samples[run.method.name].append(time.perf_counter() - start)
+    finally:
+        for run in runs:
+            run.module.hooks.on_eval_end(module=run.module, stage="test")
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def shifted_mean(scores: dict[str, dict[str, float]], metric: str, severity: int | None = None) -> float:
+    keys = [k for k in scores if k != "clean" and (severity is None or k.endswith(f"_{severity}"))]
+    return statistics.mean(scores[k][metric] for k in keys)
+
+
+def metric_table(
+    methods: list[Method], runs: dict[str, list[Trained]], pick: Callable[[Trained, str], float]
+) -> list[str]:
+    lines = [
+        "| method | accuracy | NLL | ECE | Brier | members' NLL | NLL gain over members |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        rs = runs[method.name]
+        cells = [mean_std([pick(r, metric) for r in rs]) for metric in METRICS]
+        members = [pick(r, "member_nll") for r in rs]
+        gain = [pick(r, "member_nll") - pick(r, "nll") for r in rs]
+        has_members = method.kind in ("mimo", "ensemble")
+        lines.append(
+            f"| {method.name} | "
+            + " | ".join(cells)
+            + f" | {mean_std(members) if has_members else '-'} | {mean_std(gain) if has_members else '-'} |"
+        )
+    return lines
+
+
+def severity_table(methods: list[Method], runs: dict[str, list[Trained]], severities: list[int]) -> list[str]:
+    head = "| method | " + " | ".join(f"sev {s} NLL / ECE" for s in severities) + " |"
+    lines = [head, "|---|" + "---|" * len(severities)]
+    for method in methods:
+        rs = runs[method.name]
+        cells = []
+        for s in severities:
+            nll = statistics.mean(shifted_mean(r.scores, "nll", s) for r in rs)
+            ece = statistics.mean(shifted_mean(r.scores, "ece", s) for r in rs)
+            cells.append(f"{nll:.3f} / {ece:.3f}")
+        lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_table(
+    methods: list[Method], runs: dict[str, list[Trained]], infer: dict[str, float], params: dict[str, int]
+) -> list[str]:
+    lines = [
+        "| method | parameters | training time ratio (median over seeds) | inference time ratio |",
+        "|---|---|---|---|",
+    ]
+    single_train = [r.train_seconds for r in runs["single"]]
+    for method in methods:
+        ratios = [r.train_seconds / s for r, s in zip(runs[method.name], single_train, strict=True)]
+        lines.append(
+            f"| {method.name} | {params[method.name]:,} | {statistics.median(ratios):.2f}x | "
+            f"{infer[method.name] / infer['single']:.2f}x |"
+        )
+    return lines
+
+
+def save_reliability_diagrams(picked: list[Trained], test_set: Any, out_dir: Path) -> list[str]:
+    inputs, targets = test_set.tensors
+    names = []
+    for run in picked:
+        run.module.hooks.on_eval_start(module=run.module, stage="test")
+        try:
+            log_probs, _ = eval_forward(run.module, inputs, targets)
+        finally:
+            run.module.hooks.on_eval_end(module=run.module, stage="test")
+        slug = run.method.name.replace(" ", "_").replace("=", "").replace(".", "")
+        path = out_dir / f"reliability_{slug}.png"
+        plot_reliability_diagram(calibration_bins(log_probs.exp(), targets), path, title=run.method.name)
+        names.append(path.name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 epochs")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--width", type=int, default=32, help="SmallCNN stem width")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
+    parser.add_argument("--batch-repetitions", type=int, default=2, help="MIMO batch repetitions")
+    parser.add_argument("--rhos", type=float, nargs="+", default=[0.0, 0.5], help="MIMO input repetition")
+    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.timing_repeats = 1, 2, 5
+        if args.out == HERE / "RESULTS.md":
+            args.out = Path("/tmp/uncertainty_quick.md")
+    args.tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "litplug_uncertainty"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    methods, missing = build_methods(args)
+    runs: dict[str, list[Trained]] = {m.name: [] for m in methods}
+    wall_start = time.perf_counter()
+    first_seed: list[Trained] = []
+    for seed in range(args.seeds):
+        test_sets = shifted_digits_test_sets(form="image", split_seed=seed, shift_seed=seed)
+        for method in methods:
+            trained = train(method, seed, args)
+            score(trained, test_sets)
+            runs[method.name].append(trained)
+            clean = trained.scores["clean"]
+            print(
+                f"seed {seed} {method.name:22s} train {trained.train_seconds:6.1f}s  "
+                f"clean acc {clean['acc']:.4f} nll {clean['nll']:.4f} ece {clean['ece']:.4f} "
+                f"(members {clean['member_nll']:.4f})  shifted nll {shifted_mean(trained.scores, 'nll'):.4f}",
+                flush=True,
+            )
+            if seed == 0:
+                first_seed.append(trained)
+            else:
+                trained.module = None  # type: ignore[assignment] # keep memory flat
+    params = {r.method.name: sum(p.numel() for p in r.module.parameters()) for r in first_seed}
+
+    # -- inference cost and speed targets (seed 0's trained models, side by side) -----------------
+    clean_set = shifted_digits_test_sets(kinds=(), form="image", split_seed=0)["clean"]
+    test_x, test_y = clean_set.tensors
+    infer = time_inference(first_seed, test_x, test_y, args.timing_repeats)
+    by_name = {r.method.name: r for r in first_seed}
+    target_pairs = [by_name["single"], by_name["MIMO M=3 rho=0"]]
+    speed_mimo = {}
+    for batch in (64, test_x.shape[0]):
+        t = time_inference(target_pairs, test_x[:batch], test_y[:batch], args.timing_repeats * 4)
+        speed_mimo[batch] = t["MIMO M=3 rho=0"] / t["single"]
+    stack = by_name["ensemble N=4"].module.model
+    ens_times = {}
+    for batch in (args.batch_size, test_x.shape[0]):
+        ens_times[batch] = time_forward_paths(
+            stack, test_x[:batch], test_y[:batch], repeats=args.timing_repeats
+        )
+    diagrams = save_reliability_diagrams(
+        [by_name["single"], by_name["ensemble N=4"], by_name["MIMO M=3 rho=0.5"], by_name["MIMO M=3 rho=0"]],
+        clean_set,
+        args.out.parent,
+    )
+    elapsed = time.perf_counter() - wall_start
+    write_results(args, methods, runs, infer, params, speed_mimo, ens_times, diagrams, missing, elapsed)
+    print(f"wrote {args.out} ({elapsed / 60:.1f} min)")
+
+
+def write_results(
+    args: argparse.Namespace,
+    methods: list[Method],
+    runs: dict[str, list[Trained]],
+    infer: dict[str, float],
+    params: dict[str, int],
+    speed_mimo: dict[int, float],
+    ens_times: dict[int, dict[str, Any]],
+    diagrams: list[str],
+    missing: list[str],
+    elapsed: float,
+) -> None:
+    severities = sorted({int(k.rsplit("_", 1)[1]) for k in runs["single"][0].scores if k != "clean"})
+    command = "/work/venv/bin/python benchmarks/uncertainty/run.py " + " ".join(sys.argv[1:])
+    load = os.getloadavg()
+    lines = [
+        "# Uncertainty benchmark: single model, deep ensembles, MIMO, EMA",
+        "",
+        f"- Command: `{command.strip()}`",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+        f"{args.threads} thread(s); wall time {elapsed / 60:.1f} min; load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
+        "- The machine is a shared 2-core VM with other jobs running: absolute times are inflated and noisy;",
+        "  only the side-by-side ratios (interleaved repeats, medians) mean something.",
+        f"- Model: SmallCNN width {args.width} (stem conv -> strided conv -> pool -> head) on 8x8 digits "
+        f"(form=image, unit scale), Adam lr {args.lr}{' with cosine decay to 0' if args.cosine else ''}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"seeds 0..{args.seeds - 1} (seed = split + init + order). MIMO: batch_repetitions="
+        f"{args.batch_repetitions} (each step trains on {args.batch_repetitions}x{args.batch_size} rows), "
+        "loss = sum over heads. Ensembles: DeepEnsemble(path='auto'). "
+        + (f"EMA: decay {args.ema_decay}." if not missing else ""),
+        "- Shifted digits: core/data/shifted.py, Gaussian noise / rotation / translation, severities "
+        f"{severities[0]}..{severities[-1]}, generated from each seed's test split (seeded).",
+        "- Metrics: accuracy, NLL, ECE (15 bins, torchmetrics, the core metric), Brier; mean ± std over seeds. "
+        "'members' NLL' is the mean NLL of the individual MIMO heads / ensemble members on the same data; "
+        "'gain' = members' NLL - combined NLL (positive: combining helps).",
+        "",
+    ]
+    if missing:
+        lines += ["**Missing:** " + "; ".join(missing), ""]
+    lines += ["## Clean digits test split", ""]
+    lines += metric_table(methods, runs, lambda r, m: r.scores["clean"][m]) + [""]
+    lines += ["## Shifted digits (mean over 3 kinds x 5 severities)", ""]
+    lines += metric_table(methods, runs, lambda r, m: shifted_mean(r.scores, m)) + [""]
+    lines += ["### NLL / ECE by severity (mean over kinds and seeds)", ""]
+    lines += severity_table(methods, runs, severities) + [""]
+    lines += ["## Cost", ""]
+    lines += [
+        "Training time: wall-clock `trainer.fit`, ratio to the single model of the same seed. Inference: "
+        f"the evaluation path (MIMO's tiling included) on the {infer and 'clean test split in one batch'}, "
+        f"median of {args.timing_repeats} interleaved repeats, seed 0's models.",
+        "",
+    ]
+    lines += cost_table(methods, runs, infer, params) + [""]
+    lines += ["## Speed targets (side by side, medians of interleaved repeats)", ""]
+    lines += ["| target | measured | goal |", "|---|---|---|"]
+    for batch, ratio in speed_mimo.items():
+        verdict = "met" if ratio <= 1.10 else "NOT met"
+        lines.append(
+            f"| MIMO M=3 eval forward / single, batch {batch} | {ratio:.2f}x ({verdict}) | <= 1.10x |"
+        )
+    for batch, t in ens_times.items():
+        for kind in ("eval", "train"):
+            ratio = float(t[f"{kind}_vmap"]) / float(t[f"{kind}_sequential"])
+            what = "evaluation forward" if kind == "eval" else "training step (fwd+bwd)"
+            lines.append(
+                f"| vmap ensemble of 4 / 4 sequential members, {what}, batch {batch} | {ratio:.2f}x | "
+                "<= 1.0x on CPU (METHODS.md); issue: <= 0.5x (a GPU figure) |"
+            )
+    lines += [
+        "",
+        "Reliability diagrams (clean test split, seed 0): " + ", ".join(f"`{d}`" for d in diagrams),
+        "",
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

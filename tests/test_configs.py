@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from litplug.core.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _no_open_wandb_run() -> Iterator[None]:
+    """WandbLogger reuses a run left open in the process (in another test's directory): close it."""
+    import wandb
+
+    wandb.finish()
+    yield
+    wandb.finish()
+
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

@@ -9,6 +9,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from litplug.core.data import DigitsDataModule
 from litplug.core.discovery import builtin_plugins
 from litplug.core.errors import PluginConfigError, PluginSetupError
@@ -21,7 +23,6 @@ from litplug.plugins.ghost_bn import (
     ghost_batch_sizes,
     replace_batchnorms,
 )
-from torch import Tensor, nn
 
 SHAPES = {  # BatchNorm class -> an input shape (batch first)
     "1d": (nn.BatchNorm1d, (24, 6)),

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from litplug.core.data import DigitsDataModule
 from litplug.core.models import MLP, SmallCNN
 from litplug.plugins.ghost_bn import GhostBatchNorm, replace_batchnorms
-from torch import Tensor, nn
 
 THREADS = 2
 HERE = Path(__file__).resolve().parent
@@ -72,17 +73,20 @@ def _fwd_bwd(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], None
 
 
 def _time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, inner: int) -> dict[str, float]:
-    """Median milliseconds per call of each step; the steps alternate so load drifts hit all alike."""
+    """Median milliseconds per call of each step.
+
+    The variants alternate call by call (``repeats * inner`` calls each), so a burst of load from
+    other processes hits all of them alike instead of one variant's block of calls.
+    """
     for step in steps.values():  # warm-up (allocator, thread pool)
         for _ in range(3):
             step()
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    for _ in range(repeats * inner):
         for name, step in steps.items():
             start = time.perf_counter()
-            for _ in range(inner):
-                step()
-            samples[name].append((time.perf_counter() - start) / inner * 1e3)
+            step()
+            samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -111,17 +115,19 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
         "loop": ChunkLoopGhostBatchNorm(copy.deepcopy(bn), ghost),
     }
     numel = math.prod(shape)
-    inner = max(1, int(2_000_000 // numel))  # ~2M values per timed sample: tiny shapes repeat more
+    inner = max(1, int(1_000_000 // numel))  # small (fast) shapes get more timed calls
     ms = _time_round_robin({k: _fwd_bwd(v, x, grad_out) for k, v in layers.items()}, repeats, inner)
     return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["loop"])
 
 
 SPEED_CASES: list[tuple[tuple[int, ...], int]] = [
     ((512, 32, 8, 8), 8),
+    ((512, 32, 8, 8), 16),
     ((512, 32, 8, 8), 32),
     ((512, 32, 8, 8), 128),
     ((512, 64, 4, 4), 32),
     ((512, 256), 8),
+    ((512, 256), 16),
     ((512, 256), 32),
     ((512, 256), 128),
 ]
@@ -214,10 +220,11 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few repeats, 1 seed, 2 epochs")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=21, help="timed samples per speed case")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=41, help="timed samples per speed case")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the batch-32 and batch-512 runs")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD lr at batch 32 (x4 at batch 512)")
+    parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
@@ -238,7 +245,7 @@ def main() -> None:
         )
 
     effect: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for kind in ("mlp", "cnn"):
+    for kind in args.models:
         for regime in regimes(epochs, args.lr):
             results = [train_once(kind, regime, seed) for seed in range(seeds)]
             effect[(kind, regime.label)] = results
@@ -261,7 +268,7 @@ def main() -> None:
         "",
         "## Speed: one normalisation layer, forward + backward",
         "",
-        f"Median of {repeats} round-robin samples; plain BN = `nn.BatchNorm`, vectorised GBN = "
+        f"Median over >= {repeats} calls per variant, alternating call by call; plain BN = `nn.BatchNorm`, vectorised GBN = "
         "`GhostBatchNorm` (one fused `F.batch_norm` on ghosts folded into channels), chunk loop = "
         "`F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
         "loop / GBN >= 3x at >= 32 ghost batches.",

@@ -11,7 +11,7 @@ batches holds the examples ``k, k + m, k + 2m, ...`` (a strided partition): with
 copy of the activations forwards and backwards (measured 1.5-2x slower on CPU). Which examples share a
 ghost batch is irrelevant for shuffled batches and, for sorted data, a strided partition mixes
 classes better than contiguous chunks. The affine parameters are fed to the same fused call as
-``weight.repeat(m)`` (their gradient is summed back over the ``m`` copies by autograd): applying them
+``weight`` tiled ``m`` times (their gradient is summed back over the ``m`` copies by autograd): applying them
 afterwards with a broadcast multiply-add costs an extra pass forwards and a slow broadcast reduction
 backwards.
 
@@ -75,6 +75,13 @@ def _fold(x: Tensor, num_ghosts: int) -> Tensor:
     return x.reshape(ghost, num_ghosts * x.shape[1], *x.shape[2:])
 
 
+def _tile(param: Tensor | None, times: int) -> Tensor | None:
+    """``param`` repeated ``times`` times along its only dim (expand + reshape: cheaper than repeat)."""
+    if param is None or times == 1:
+        return param
+    return param.expand(times, param.shape[0]).reshape(-1)
+
+
 def _normalise(
     x: Tensor,
     weight: Tensor | None,
@@ -91,8 +98,8 @@ def _normalise(
     """
     channels = x.shape[1]
     folded = _fold(x, num_ghosts) if num_ghosts > 1 else x
-    w = weight.repeat(num_ghosts) if weight is not None and num_ghosts > 1 else weight
-    b = bias.repeat(num_ghosts) if bias is not None and num_ghosts > 1 else bias
+    w = _tile(weight, num_ghosts)
+    b = _tile(bias, num_ghosts)
     mean = var = None
     if stats_like is not None:
         mean = stats_like.new_zeros(num_ghosts * channels)

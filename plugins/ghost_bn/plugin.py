@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
-from torch import Tensor, nn
 
 from .functional import GhostBatchNorm
 

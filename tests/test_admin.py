@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
 from litplug.core.data import StdlibTextDataModule
 from litplug.core.errors import PluginConfigError, PluginSetupError
 from litplug.core.hookspecs import hookimpl
@@ -25,7 +27,6 @@ from litplug.plugins.admin import (
     profile_omegas,
     residual_scales,
 )
-from torch import Tensor, nn
 
 WIDTH = 256
 

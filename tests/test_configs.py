@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,19 +59,24 @@ def test_wandb_config_writes_an_offline_run_with_the_plugin_order(tmp_path: Path
     assert b"litplug/plugin_order" in records
 
 
-def test_no_secret_reaches_configs_checkpoints_or_logs(tmp_path: Path, monkeypatch) -> None:
-    """A W&B API key in the environment is never written into anything the run leaves behind."""
+def test_no_secret_reaches_configs_checkpoints_or_logs(tmp_path: Path) -> None:
+    """A W&B API key in the environment is never written into anything the run leaves behind.
+
+    Runs `litplug` in a fresh process: wandb fixes its directories once per process."""
     secret = "litplug-test-secret-0123456789abcdef"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_API_KEY", secret)
+    # Drop wandb's own variables (e.g. the service address an in-process run of another test left).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_API_KEY=secret)
     config = Path(__file__).resolve().parent.parent / "configs" / "wandb.yaml"
     args = ["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
-    assert main(args) == 0
-    import wandb
-
-    wandb.finish()
+    completed = subprocess.run(
+        [sys.executable, "-m", "litplug.core.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.suffix == ".wandb" for p in written)
     leaking = [str(p) for p in written if secret.encode() in p.read_bytes()]

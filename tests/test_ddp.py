@@ -29,9 +29,9 @@ CASES = ddp_cases()
 KNOWN_MISMATCH = {
     # Admin profiles on rank 0's half batch (then broadcast), the single process on the full batch.
     "plugin-admin": "profiling sees rank 0's shard, not the global batch",
-    # Unexplained as of this commit: weights differ by ~1e-2 after 4 steps although the ghost
-    # batches should be identical; an open bug, see the ghost_bn README.
-    "plugin-ghost_bn": "open bug: ghost batch norm under DDP does not match one process",
+    # GhostBatchNorm forms ghost batches from strided rows (a free view) while the sampler gives
+    # each rank a contiguous half of the global batch, so the ghost batches differ (see its README).
+    "plugin-ghost_bn": "ghost batches are strided rows, rank shards contiguous halves",
 }
 
 

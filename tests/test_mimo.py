@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import quiet_trainer
+from torch import nn
+
 from litplug.core.data import DigitsDataModule
 from litplug.core.errors import CheckpointError, PluginConfigError
 from litplug.core.models import MLP, SmallCNN
@@ -26,7 +28,6 @@ from litplug.plugins.mimo import (
     stack_member_inputs,
     widen_model,
 )
-from torch import nn
 
 
 def _module(model: nn.Module, plugin: MIMO) -> LitplugModule:

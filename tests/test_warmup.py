@@ -12,12 +12,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
 from litplug.callbacks.warmup import LEGW, LinearWarmup, WarmupConfigError
 from litplug.callbacks.warmup import functional as F
 from litplug.core.data import DigitsDataModule
 from litplug.core.models import MLP
 from litplug.core.module import LitplugModule
-from torch.utils.data import DataLoader, TensorDataset
 
 LR = 0.1
 BATCHES_PER_EPOCH = 5  # limit_train_batches: short epochs keep every test at a second or two

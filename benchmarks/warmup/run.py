@@ -31,6 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
 from litplug.callbacks.warmup import LEGW, LinearWarmup
 from litplug.core.data import DigitsDataModule
 from litplug.core.models import LSTMClassifier

@@ -30,6 +30,8 @@ from litplug.core.errors import LitplugError
 LrScaling = Literal["none", "linear", "sqrt"]
 _GROUP_MARKER = "litplug_ddp_lr_scale"
 _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+# BatchNorm statistics are per rank between DDP's buffer broadcasts, in a model or a plugin's network.
+_PER_RANK_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class DistributedConfigError(LitplugError, ValueError):
@@ -147,7 +149,8 @@ class DistributedPlugins(Callback):
         local = {"model": distributed.checksums(dict(pl_module.named_parameters()))}
         for plugin in getattr(pl_module, "plugins", []):
             if not plugin.rank_local_state:
-                local[f"plugin '{plugin.name}'"] = distributed.checksums(plugin.state_dict())
+                sums = distributed.checksums(plugin.state_dict())
+                local[f"plugin '{plugin.name}'"] = {k: v for k, v in sums.items() if not k.endswith(_PER_RANK_BUFFERS)}
         gathered = distributed.gather_object(local)
         for owner, sums in gathered[0].items():
             for other_rank, other in enumerate(gathered[1:], start=1):

@@ -17,10 +17,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from litplug.core.errors import LitplugError
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
+
+from litplug.core.errors import LitplugError
 
 from .functional import (
     LR_SCALING_RULES,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from torch import nn
+
 from litplug.core.errors import PluginSetupError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
-from torch import nn
 
 from .functional import (
     AdminModelError,

@@ -6,11 +6,12 @@ import warnings
 from typing import Any
 
 import lightning as L
+from torch import Tensor, nn
+
 from litplug.core.errors import CheckpointError, PluginConfigError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plots import ReliabilityRecorder
 from litplug.core.plugin import Plugin
-from torch import Tensor, nn
 
 from . import functional as mimo
 

@@ -41,26 +41,9 @@ def test_config_runs_with_fast_dev_run(config: Path, tmp_path: Path, monkeypatch
     assert code == 0
 
 
-def test_wandb_config_writes_an_offline_run_with_the_plugin_order(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    config = Path(__file__).resolve().parent.parent / "configs" / "wandb.yaml"
-    assert (
-        main(["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"])
-        == 0
-    )
-    import wandb
-
-    wandb.finish()  # flush the offline run (a CLI process does this at exit)
-    runs = list(tmp_path.rglob("offline-run-*"))
-    assert runs, "no offline W&B run directory was written"
-    records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))  # the offline run's log
-    assert b"litplug/plugin_order" in records
-
-
-def test_no_secret_reaches_configs_checkpoints_or_logs(tmp_path: Path) -> None:
-    """A W&B API key in the environment is never written into anything the run leaves behind.
+def test_wandb_offline_run_has_the_plugin_order_and_no_secret(tmp_path: Path) -> None:
+    """configs/wandb.yaml writes an offline W&B run whose config holds the resolved plugin order,
+    and a W&B API key in the environment is never written into anything the run leaves behind.
 
     Runs `litplug` in a fresh process: wandb fixes its directories once per process."""
     secret = "litplug-test-secret-0123456789abcdef"
@@ -81,3 +64,5 @@ def test_no_secret_reaches_configs_checkpoints_or_logs(tmp_path: Path) -> None:
     assert any(p.suffix == ".ckpt" for p in written) and any(p.suffix == ".wandb" for p in written)
     leaking = [str(p) for p in written if secret.encode() in p.read_bytes()]
     assert leaking == []
+    records = b"".join(p.read_bytes() for p in written if p.suffix == ".wandb")  # the offline run's log
+    assert b"litplug/plugin_order" in records

@@ -364,4 +364,5 @@ def test_ranks_together_see_the_single_device_batches(dataset_size: int) -> None
     assert len(ranks[0]) == len(ranks[1])
     for step, (first, second) in enumerate(zip(*ranks, strict=True)):
         if dataset_size % 2 == 0 or step < len(single) - 1:  # odd sizes pad the final batch
-            assert first + second == single[step]
+            interleaved = [index for pair in zip(first, second, strict=True) for index in pair]
+            assert interleaved == single[step]

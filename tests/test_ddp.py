@@ -29,9 +29,6 @@ CASES = ddp_cases()
 KNOWN_MISMATCH = {
     # Admin profiles on rank 0's half batch (then broadcast), the single process on the full batch.
     "plugin-admin": "profiling sees rank 0's shard, not the global batch",
-    # GhostBatchNorm forms ghost batches from strided rows (a free view) while the sampler gives
-    # each rank a contiguous half of the global batch, so the ghost batches differ (see its README).
-    "plugin-ghost_bn": "ghost batches are strided rows, rank shards contiguous halves",
 }
 
 
@@ -46,13 +43,16 @@ def _env() -> dict[str, str]:
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    completed = subprocess.run(
-        [*command, str(HERE / "ddp_worker.py"), str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    for _attempt in range(2):  # one retry: a gloo worker was once seen aborting at start-up
+        completed = subprocess.run(
+            [*command, str(HERE / "ddp_worker.py"), str(out)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if completed.returncode == 0:
+            break
     assert completed.returncode == 0, completed.stderr[-4000:]
     return out
 

@@ -207,7 +207,7 @@ class _DigitsTasks(ContinualDataModule, DigitsDataModule):
         return x.reshape(len(x), *self.input_shape).contiguous()
 
     def _build(self) -> list[dict[str, TensorDataset]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _build (the per-task splits)")
 
     def setup(self, stage: str | None = None) -> None:
         if not self.tasks:

@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from .sampling import LitplugDataModule
 
@@ -136,7 +136,6 @@ class DigitsDataModule(LitplugDataModule):
         self.test_fraction = test_fraction
         self.form: DigitsForm = form
         self.normalize: DigitsNormalize = normalize
-        self.datasets: dict[str, TensorDataset] = {}
 
     @property
     def num_classes(self) -> int:
@@ -156,17 +155,3 @@ class DigitsDataModule(LitplugDataModule):
         self.datasets = {
             name: TensorDataset(x.reshape(len(x), *shape).contiguous(), y) for name, (x, y) in splits.items()
         }
-
-    def _dataset(self, name: str) -> TensorDataset:
-        if not self.datasets:
-            self.setup()
-        return self.datasets[name]
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.train_loader(self._dataset("train"))
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.eval_loader(self._dataset("val"))
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.eval_loader(self._dataset("test"))

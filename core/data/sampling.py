@@ -163,6 +163,21 @@ class LitplugDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.datasets: dict[str, Dataset[Any]] = {}  # "train"/"val"/"test", filled by setup()
+
+    def _dataset(self, name: str) -> Dataset[Any]:
+        if not self.datasets:
+            self.setup("fit")
+        return self.datasets[name]
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self.train_loader(self._dataset("train"))
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self.eval_loader(self._dataset("val"))
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self.eval_loader(self._dataset("test"))
 
     @property
     def num_classes(self) -> int:

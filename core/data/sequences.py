@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from .sampling import LitplugDataModule
 
@@ -81,7 +81,6 @@ class _GeneratedDataModule(LitplugDataModule):
         self.num_train = num_train
         self.num_val = num_val
         self.num_test = num_test
-        self.datasets: dict[str, TensorDataset] = {}
 
     def _generate(self, num_examples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Subclasses return ``num_examples`` (inputs, targets) drawn from ``generator``."""
@@ -94,20 +93,6 @@ class _GeneratedDataModule(LitplugDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         sizes = (("train", self.num_train), ("val", self.num_val), ("test", self.num_test))
         self.datasets = {name: TensorDataset(*self._generate(n, generator)) for name, n in sizes}
-
-    def _dataset(self, name: str) -> TensorDataset:
-        if not self.datasets:
-            self.setup()
-        return self.datasets[name]
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.train_loader(self._dataset("train"))
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.eval_loader(self._dataset("val"))
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.eval_loader(self._dataset("test"))
 
 
 class CopyTaskDataModule(_GeneratedDataModule):

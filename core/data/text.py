@@ -7,11 +7,12 @@ import random
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from .sampling import LitplugDataModule
 
@@ -154,7 +155,6 @@ class StdlibTextDataModule(LitplugDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.text = ""
-        self.datasets: dict[str, TensorDataset] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -192,7 +192,7 @@ class StdlibTextDataModule(LitplugDataModule):
             "val": tokens[n_train : n_train + n_val],
             "test": tokens[n_train + n_val :],
         }
-        datasets: dict[str, TensorDataset] = {}
+        datasets: dict[str, Dataset[Any]] = {}
         for name, chunk in chunks.items():
             inputs, targets = _windows(chunk, self.seq_len)
             if len(inputs) == 0:
@@ -202,17 +202,3 @@ class StdlibTextDataModule(LitplugDataModule):
                 )
             datasets[name] = TensorDataset(inputs, targets)
         self.datasets = datasets
-
-    def _dataset(self, name: str) -> TensorDataset:
-        if not self.datasets:
-            self.setup()
-        return self.datasets[name]
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.train_loader(self._dataset("train"))
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.eval_loader(self._dataset("val"))
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.eval_loader(self._dataset("test"))

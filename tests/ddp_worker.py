@@ -9,6 +9,7 @@ dominate a short CPU run.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -30,11 +31,18 @@ SINGLE_PROCESS_BATCH = 128
 
 
 def ddp_cases() -> dict[str, tuple[type | None, type | None]]:
+    """Every case, or only those named in ``LITPLUG_DDP_CASES`` (comma-separated) when it is set."""
     cases: dict[str, tuple[type | None, type | None]] = {"no-plugin": (None, None)}
     for info in available_plugins().values():
         cases[f"plugin-{info.name}"] = (info.cls, None)
     for callback in builtin_callbacks():
         cases[f"callback-{callback.__name__}"] = (None, callback)
+    selected = [name for name in os.environ.get("LITPLUG_DDP_CASES", "").split(",") if name]
+    if selected:
+        unknown = sorted(set(selected) - set(cases))
+        if unknown:
+            raise ValueError(f"LITPLUG_DDP_CASES names unknown case(s) {unknown}; known: {sorted(cases)}")
+        cases = {name: cases[name] for name in selected}
     return cases
 
 

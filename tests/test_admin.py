@@ -145,6 +145,52 @@ def test_profiling_leaves_the_global_rng_stream_untouched() -> None:
     assert torch.equal(torch.rand(5), after_profiling)
 
 
+def _profile_shard_worker(rank: int, store: str, out_dir: str, rows: list[int]) -> None:
+    """One rank of a 2-process gloo group: profile the transformer on this rank's rows of the batch."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model, tokens = _shard_test_model_and_tokens()
+        mine = tokens[rows[rank] : rows[rank + 1]]
+        result = profile_omegas(model, mine)
+        torch.save(
+            {"omegas": result.omegas, "in": result.input_variances, "branch": result.branch_variances},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _shard_test_model_and_tokens() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    model = TransformerLanguageModel(
+        98, d_model=32, num_heads=2, num_layers=3, dim_feedforward=64, dropout=0.0
+    )
+    add_residual_scales(model)
+    # Shards of different sizes and content (low tokens vs high tokens), so pooling must weigh them.
+    tokens = torch.randint(0, 98, (7, 16), generator=torch.Generator().manual_seed(3))
+    tokens[:2] = tokens[:2] % 10
+    return model, tokens
+
+
+@pytest.mark.slow
+def test_profiling_under_two_processes_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """Under torch.distributed every rank profiles on its shard, and the pooled variances give the
+    single-process omegas on the concatenated batch, identical on both ranks (not rank 0's shard's)."""
+    rows = [0, 2, 7]  # rank 0: rows 0-1, rank 1: rows 2-6
+    torch.multiprocessing.spawn(
+        _profile_shard_worker, args=(str(tmp_path / "store"), str(tmp_path), rows), nprocs=2, join=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0] == ranks[1]  # bitwise: every rank pools the same gathered statistics
+    model, tokens = _shard_test_model_and_tokens()
+    single = profile_omegas(model, tokens)
+    assert ranks[0]["omegas"] == pytest.approx(single.omegas, rel=1e-6)
+    assert ranks[0]["in"] == pytest.approx(single.input_variances, rel=1e-6)
+    assert ranks[0]["branch"] == pytest.approx(single.branch_variances, rel=1e-6)
+    shard_only = profile_omegas(_shard_test_model_and_tokens()[0], tokens[:2])
+    assert shard_only.omegas != pytest.approx(single.omegas, rel=1e-3)  # the test can tell them apart
+
+
 # -- closed form and surgery -------------------------------------------------------------------------
 
 

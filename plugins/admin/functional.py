@@ -168,6 +168,54 @@ def _variance(x: Tensor) -> float:
     return float(x.detach().double().var())
 
 
+def _distributed_world() -> int:
+    """The ``torch.distributed`` world size, 1 when it is not initialised."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def _moments(x: Tensor) -> Tensor:
+    """``(count, mean, sum of squared deviations)`` of all elements of ``x``, in float64."""
+    values = x.detach().double().reshape(-1)
+    mean = values.mean()
+    return torch.stack([values.new_tensor(float(values.numel())), mean, (values - mean).pow(2).sum()])
+
+
+def _pooled_variances(tensors: Sequence[Tensor]) -> list[float]:
+    """The variance over all elements of each tensor *across every rank's shard* (one collective).
+
+    Each rank contributes ``(count, mean, M2)`` per tensor; the pooled variance is Chan et al.'s
+    exact combination ``M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2``, ``var = M2 / (n - 1)``: the
+    unbiased variance of the concatenated shards, as ``Tensor.var`` gives on the global batch in a
+    single process (up to rounding). Every rank computes the same numbers from the same gathered
+    tensor, so the results agree bit for bit across ranks.
+    """
+    dist = torch.distributed
+    local = torch.stack([_moments(t) for t in tensors])  # (len(tensors), 3)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    stats = torch.stack(gathered)  # (world, len(tensors), 3)
+    counts, means, m2 = stats[..., 0], stats[..., 1], stats[..., 2]
+    total = counts.sum(dim=0)
+    mean = (counts * means).sum(dim=0) / total
+    pooled_m2 = m2.sum(dim=0) + (counts * (means - mean).pow(2)).sum(dim=0)
+    return [float(v) for v in (pooled_m2 / (total - 1)).tolist()]
+
+
+def _sublayer_variances(skip: Tensor, branch: Tensor) -> tuple[float, float]:
+    """``Var[omega_i x_{i-1}]`` and ``Var[f_i(x_{i-1})]`` over the global batch.
+
+    In one process: over this batch. Under ``torch.distributed`` (each rank holding a shard of the
+    global batch): pooled across ranks, so the profile is that of the global batch on every rank.
+    """
+    if _distributed_world() == 1:
+        return _variance(skip), _variance(branch)
+    skip_var, branch_var = _pooled_variances([skip, branch])
+    return skip_var, branch_var
+
+
 @torch.no_grad()
 def profile_omegas(model: nn.Module, inputs: Any) -> ProfileResult:
     """Admin's profiling pass: one forward of ``model(inputs)`` in training mode, setting omegas as it goes.
@@ -179,8 +227,13 @@ def profile_omegas(model: nn.Module, inputs: Any) -> ProfileResult:
     layers' Admin outputs, as in the paper. Pre-LN sub-layers are skipped.
 
     The model's training/eval mode and the global RNG (CPU and the CUDA device) are restored, so
-    training draws the same random numbers as without profiling. Under ``torch.distributed`` the
-    scalars of rank 0 are broadcast, so every replica starts from the same omegas. Gradients are off.
+    training draws the same random numbers as without profiling. Gradients are off.
+
+    Under ``torch.distributed`` with each rank holding a shard of the global batch, every variance is
+    pooled across ranks (one all-gather of count, mean and sum of squared deviations per sub-layer),
+    so the omegas are those of a single-process profile on the global batch, identical on every rank
+    (every rank must call this, with the same model). Rank 0's scalars are broadcast at the end as a
+    guard; they already agree.
     """
     sublayers = post_ln_sublayers(model)
     scales = residual_scales(model)
@@ -203,8 +256,7 @@ def profile_omegas(model: nn.Module, inputs: Any) -> ProfileResult:
         if index not in branch_outputs:
             raise AdminModelError(f"post-LN sub-layer {index} ran without calling its branch")
         x = args[0]
-        input_var = _variance(scales[index] * x)
-        branch_var = _variance(branch_outputs.pop(index))
+        input_var, branch_var = _sublayer_variances(scales[index] * x, branch_outputs.pop(index))
         state["in_var"][index] = input_var
         state["branch_var"][index] = branch_var
         state["order"].append(index)

@@ -35,7 +35,7 @@ class Admin(Plugin):
 
     Args:
         init: ``"profile"`` (the paper): at fit start one forward in training mode on the first
-            training batch sets ``omega_i = r``, ``r <- sqrt(Var[omega_i x_{i-1}] + Var[f_i(x_{i-1})])``
+            training batch (under DDP: each rank's shard, variances pooled over the global batch) sets ``omega_i = r``, ``r <- sqrt(Var[omega_i x_{i-1}] + Var[f_i(x_{i-1})])``
             from ``r = 1``; ``"closed_form"`` (admin-torch): every omega is
             ``sqrt((N + 1) / ln(N + 1) - 1)`` for ``N`` post-LN sub-layers, set at surgery, no
             profiling: the choice for very large batches.
@@ -46,7 +46,7 @@ class Admin(Plugin):
 
     name = "admin"
     requires = ("residual_sublayers",)
-    supports_ddp = True  # rank 0's profiled scalars are broadcast (see functional.profile_omegas)
+    supports_ddp = True  # profiling pools its variances across ranks (see functional.profile_omegas)
 
     def __init__(self, init: AdminInit = "profile") -> None:
         self.check_choice("init", init, INITS)

@@ -13,7 +13,7 @@ from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
 from litplug.plugins.attacks.functional import frozen_batchnorm_stats, model_mode
 
-from .functional import EncoderNet, GeneratorNet, adt_exp_inputs, amortized_inputs
+from .functional import EncoderNet, GeneratorNet, adt_exp_inputs, amortized_inputs, generator_adam
 
 VARIANTS = ("exp", "exp_am", "imp_am")
 DEFAULT_ENTROPY_WEIGHT = {"exp": 0.01, "exp_am": 0.01, "imp_am": 1.0}
@@ -47,6 +47,9 @@ class AdversarialDistributionalTraining(Plugin):
     """
 
     name = "adt"
+    # 2: the generator's BatchNorm keeps no running statistics (they were never used: the generator
+    # only runs in train mode); version-1 checkpoints load with those buffers dropped.
+    state_version = 2
     stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("pgd_at",)
 
@@ -145,9 +148,7 @@ class AdversarialDistributionalTraining(Plugin):
             if self.variant == "imp_am":
                 self.encoder = EncoderNet(input_shape, self.noise_dim, self.generator_width).to(device)
                 params += list(self.encoder.parameters())
-        self.generator_optimizer = torch.optim.Adam(
-            params, lr=self.generator_lr, betas=(self.generator_beta1, 0.999)
-        )
+        self.generator_optimizer = generator_adam(params, self.generator_lr, self.generator_beta1)
         self._input_shape = tuple(input_shape)
 
     def _ensure_networks(self, module: Any, inputs: Tensor) -> None:
@@ -233,10 +234,11 @@ class AdversarialDistributionalTraining(Plugin):
         if self.generator_optimizer is not None:
             # DDP averages the classifier's gradients only; the generator is the plugin's own
             # network, so average its gradients here or the ranks' generators drift apart.
-            for group in self.generator_optimizer.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        distributed.all_reduce_mean_(param.grad)
+            if distributed.is_distributed():  # checked once, not per parameter (it is per step)
+                for group in self.generator_optimizer.param_groups:
+                    for param in group["params"]:
+                        if param.grad is not None:
+                            distributed.all_reduce_mean_(param.grad)
             self.generator_optimizer.step()
             self.generator_optimizer.zero_grad(set_to_none=True)
 
@@ -253,6 +255,15 @@ class AdversarialDistributionalTraining(Plugin):
         if self.encoder is not None:
             state["encoder"] = dict(self.encoder.state_dict())
         return state
+
+    def upgrade_state(self, state: dict[str, Any], from_version: int) -> dict[str, Any]:
+        if from_version != 1:
+            return super().upgrade_state(state, from_version)
+        if not state:
+            return state
+        dead = ("running_mean", "running_var", "num_batches_tracked")
+        generator = {k: v for k, v in state["generator"].items() if not k.endswith(dead)}
+        return {**state, "generator": generator}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:

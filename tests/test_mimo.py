@@ -5,6 +5,7 @@ prediction, errors, and a short run in which every head learns from its own inpu
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -19,6 +20,8 @@ from litplug.core.models import MLP, SmallCNN
 from litplug.core.module import LitplugModule
 from litplug.plugins.mimo import (
     MIMO,
+    MIMOInputConv2d,
+    MIMOInputLinear,
     ensemble_log_probs,
     member_indices,
     member_metrics,
@@ -26,6 +29,7 @@ from litplug.plugins.mimo import (
     mimo_predict,
     repeat_inputs,
     stack_member_inputs,
+    sum_member_blocks,
     widen_model,
 )
 
@@ -156,7 +160,7 @@ def test_training_heads_get_their_own_shuffled_rows(rho: float, reps: int) -> No
     torch.manual_seed(0)
     plugin = MIMO(num_members=3, input_repetition=rho, batch_repetitions=reps)
     x, y = _coded_batch()
-    inputs, targets = plugin.litplug_transform_batch((x, y), "train")
+    inputs, targets = plugin.litplug_transform_batch((x, y), "train", None)
     assert inputs.shape == (12 * reps, 3 * 4) and targets.shape == (12 * reps, 3)
     blocks = inputs.view(12 * reps, 3, 4)
     assert torch.equal(blocks, targets.unsqueeze(-1).float().expand(-1, -1, 4))  # inputs follow targets
@@ -179,14 +183,17 @@ def test_input_repetition_shares_the_tail_of_the_main_shuffle() -> None:
 
 
 def test_evaluation_heads_get_the_same_input() -> None:
-    plugin = MIMO(num_members=3)
+    plugin = MIMO(num_members=3, eval_input="tiled")
     x = torch.rand(5, 1, 8, 8)
     y = torch.arange(5)
     for stage in ("val", "test"):
-        inputs, targets = plugin.litplug_transform_batch((x, y), stage)
+        inputs, targets = plugin.litplug_transform_batch((x, y), stage, None)
         assert targets is y and inputs.shape == (5, 3, 8, 8)
         assert all(torch.equal(inputs[:, m : m + 1], x) for m in range(3))
-    assert torch.equal(plugin.litplug_transform_batch(x, "predict"), x.repeat(1, 3, 1, 1))
+    assert torch.equal(plugin.litplug_transform_batch(x, "predict", None), x.repeat(1, 3, 1, 1))
+    # "summed": the plain input goes in, and the widened input layer gives every member the same
+    summed = MIMO(num_members=3, eval_input="summed")
+    assert summed.litplug_transform_batch((x, y), "test", None) is None
 
 
 def test_stack_member_inputs_concatenates_channels_in_member_order() -> None:
@@ -304,3 +311,178 @@ def test_every_head_learns_from_its_own_input_block(tmp_path) -> None:
     assert result["test/acc"] > 0.85 and 0.0 < result["test/disagreement"] < 0.2, result
     assert result["test/nll"] <= result["test/member_nll"] + 1e-6, result  # Jensen: mean of probs helps
     assert (tmp_path / "reliability_mimo_test.png").exists()
+
+
+# -- evaluation without the tiled input: summed input-layer weights -----------------------------------
+
+
+def _widened(make, members: int = 3, dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return widen_model(make(), members).to(dtype).eval()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: MLP(64, [32]), lambda: SmallCNN(width=8), lambda: SmallCNN(width=8, batch_norm=False)],
+    ids=["mlp", "cnn", "cnn-bias"],
+)
+@pytest.mark.parametrize("members", [2, 3])
+def test_summed_input_weights_equal_the_tiled_forward(make, members: int) -> None:
+    model = _widened(make, members)
+    first = model.stem if hasattr(model, "stem") else model.body[1]
+    assert isinstance(first, (MIMOInputConv2d, MIMOInputLinear))
+    x = torch.rand(7, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        tiled, plain = model(repeat_inputs(x, members)), model(x)
+    assert (tiled - plain).abs().max() < 1e-6 and plain.shape == (7, 10 * members)
+    # float32, the training dtype: the same up to float rounding
+    model32 = _widened(make, members, torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(model32(x.float()), model32(repeat_inputs(x.float(), members)), atol=1e-5)
+    # the state-dict keys are the plain layer's (old checkpoints load)
+    assert set(model.state_dict()) == set(widen_model(make(), members).state_dict())
+
+
+def test_summed_weight_is_the_sum_of_member_blocks_by_hand() -> None:
+    w = torch.arange(2 * 6 * 1 * 1, dtype=torch.float64).view(2, 6, 1, 1)  # 3 members x 2 channels
+    assert torch.equal(sum_member_blocks(w, 3), w[:, 0:2] + w[:, 2:4] + w[:, 4:6])
+    lin = torch.arange(12.0).view(2, 6)
+    assert torch.equal(sum_member_blocks(lin, 2), lin[:, :3] + lin[:, 3:])
+
+
+def test_summed_weight_cache_is_invalidated_by_optimizer_steps_train_and_loads() -> None:
+    model = _widened(lambda: SmallCNN(width=8), 3, torch.float32)
+    stem = model.stem
+    x = torch.rand(5, 1, 8, 8)
+
+    def check_fresh() -> None:
+        with torch.no_grad():
+            plain = model(x)
+            assert torch.allclose(plain, model(repeat_inputs(x, 3)), atol=1e-5)
+        assert torch.equal(stem._summed_cache[1], sum_member_blocks(stem.weight.detach(), 3))
+
+    check_fresh()
+    cached = stem._summed_cache[1]
+    with torch.no_grad():
+        model(x)
+    assert stem._summed_cache[1] is cached  # reused while nothing changed
+    # an optimizer step (training forward: differentiable sum, no cache)
+    model.train()
+    assert stem._summed_cache is None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(repeat_inputs(x, 3)).sum().backward()
+    optimizer.step()
+    model.eval()
+    check_fresh()
+    # an optimizer step without a train() call in between (eval mode, e.g. a fine-tuning loop)
+    cached = stem._summed_cache[1]
+    optimizer.zero_grad()
+    model(repeat_inputs(x, 3)).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        model(x)
+    assert stem._summed_cache[1] is not cached
+    check_fresh()
+    # loading other weights
+    other = _widened(lambda: SmallCNN(width=8), 3, torch.float32)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    model.load_state_dict(other.state_dict())
+    check_fresh()
+    assert torch.equal(stem._summed_cache[1], sum_member_blocks(other.stem.weight.detach(), 3))
+
+
+def test_plain_input_with_autograd_gets_the_tiled_gradients() -> None:
+    a = _widened(lambda: MLP(64, [16]), 2)
+    b = copy.deepcopy(a)
+    x = torch.rand(4, 64, dtype=torch.float64)
+    a(x).square().sum().backward()
+    b(repeat_inputs(x, 2)).square().sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-10)
+    assert a.body[1]._summed_cache is None  # nothing cached from a differentiable forward
+
+
+def test_input_layer_rejects_inputs_of_another_width() -> None:
+    model = _widened(lambda: MLP(64, [16]), 3)
+    with pytest.raises(ValueError, match="dim 1 of size 192.*or 64"):
+        model(torch.rand(2, 100, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("eval_input", "tiled"), [("auto", False), ("summed", False), ("tiled", True)])
+def test_eval_input_modes_give_the_same_predictions(eval_input: str, tiled: bool) -> None:
+    torch.manual_seed(0)
+    reference = _module(SmallCNN(width=8), MIMO(num_members=3, eval_input="tiled")).eval()
+    module = _module(copy.deepcopy(reference.model), MIMO(num_members=3, eval_input=eval_input)).eval()
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    with torch.no_grad():
+        inputs, _ = module.hooks.transform_batch(module=module, batch=(x, y), stage="test")
+        assert inputs.shape[1] == (3 if tiled else 1)
+        expected = reference.log_probs(reference(repeat_inputs(x, 3)), "test")
+        assert torch.allclose(module.log_probs(module(inputs), "test"), expected, atol=1e-5)
+
+
+class _FixedWidthFront(nn.Module):
+    """Reshapes its input to a fixed width before the input layer: cannot take the plain input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(128, 16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x.reshape(-1, 128))))
+
+
+def test_auto_eval_input_falls_back_to_tiling_with_a_warning() -> None:
+    plugin = MIMO(num_members=2, input_layer="inp", output_layer="out", eval_input="auto")
+    module = _module(_FixedWidthFront(), plugin).eval()
+    x, y = torch.rand(4, 64), torch.arange(4)
+    with pytest.warns(UserWarning, match="keeps the tiled evaluation input"):
+        inputs, _ = module.hooks.transform_batch(module=module, batch=(x, y), stage="val")
+    assert inputs.shape == (4, 128) and plugin._eval_input == "tiled"
+    inputs, _ = module.hooks.transform_batch(module=module, batch=(x, y), stage="val")  # decided once
+    assert inputs.shape == (4, 128)
+
+
+def test_auto_eval_input_does_not_decide_in_training_mode() -> None:
+    plugin = MIMO(num_members=2, eval_input="auto")
+    module = _module(SmallCNN(width=8), plugin)
+    module.train()
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    stats = module.model.stem_norm.running_mean.clone()
+    inputs, _ = module.hooks.transform_batch(module=module, batch=(x, y), stage="val")
+    assert inputs.shape[1] == 2 and plugin._eval_input is None
+    assert torch.equal(module.model.stem_norm.running_mean, stats)
+    module.eval()
+    assert module.hooks.transform_batch(module=module, batch=(x, y), stage="val")[0] is x
+    assert plugin._eval_input == "summed"
+
+
+def test_fast_averaging_equals_logsumexp_and_falls_back_on_underflow() -> None:
+    torch.manual_seed(0)
+    outputs = torch.randn(50, 3 * 10) * 8
+
+    def by_logsumexp(z: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(F.log_softmax(z.view(-1, 3, 10), -1), -2) - math.log(3.0)
+
+    with torch.no_grad():
+        # float32: within a few ulps (relative 1e-6); float64: exact to 1e-12
+        assert torch.allclose(ensemble_log_probs(outputs, 3), by_logsumexp(outputs), rtol=1e-6, atol=1e-6)
+        wide = outputs.double()
+        assert (ensemble_log_probs(wide, 3) - by_logsumexp(wide)).abs().max() < 1e-12
+        extreme = outputs.clone()
+        extreme[0] = torch.tensor([0.0] + [-200.0] * 9).repeat(3)  # class probabilities e^-200
+        fast = ensemble_log_probs(extreme, 3)
+        assert torch.isfinite(fast).all()
+        assert torch.allclose(fast, by_logsumexp(extreme), atol=1e-5) and fast[0, 1] < -150
+    # with autograd: the logsumexp form, differentiable
+    grad_outputs = outputs.clone().requires_grad_()
+    ensemble_log_probs(grad_outputs, 3)[:, 0].sum().backward()
+    assert grad_outputs.grad is not None
+
+
+def test_bad_eval_input_names_the_argument() -> None:
+    with pytest.raises(PluginConfigError, match="plugin 'mimo': argument 'eval_input'"):
+        MIMO(eval_input="sum")

@@ -1,6 +1,8 @@
 """MIMO (Havasi et al. 2021): M subnetworks in one network, one forward pass for an ensemble."""
 
 from .functional import (
+    MIMOInputConv2d,
+    MIMOInputLinear,
     MIMOSurgeryError,
     ensemble_log_probs,
     member_indices,
@@ -12,6 +14,7 @@ from .functional import (
     resolve_layer_paths,
     split_heads,
     stack_member_inputs,
+    sum_member_blocks,
     widen_input_layer,
     widen_model,
     widen_output_layer,
@@ -20,6 +23,8 @@ from .plugin import MIMO
 
 __all__ = [
     "MIMO",
+    "MIMOInputConv2d",
+    "MIMOInputLinear",
     "MIMOSurgeryError",
     "ensemble_log_probs",
     "member_indices",
@@ -31,6 +36,7 @@ __all__ = [
     "resolve_layer_paths",
     "split_heads",
     "stack_member_inputs",
+    "sum_member_blocks",
     "widen_input_layer",
     "widen_model",
     "widen_output_layer",

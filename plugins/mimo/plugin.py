@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 from litplug.core.errors import CheckpointError, PluginConfigError
@@ -16,6 +17,9 @@ from litplug.core.plugin import Plugin
 from . import functional as mimo
 
 TRAIN = "train"
+EVAL_INPUTS = ("auto", "summed", "tiled")
+#: "auto" keeps the summed input when both ways agree to this tolerance (float rounding only).
+AUTO_RTOL, AUTO_ATOL = 1e-4, 1e-5
 
 
 class MIMO(Plugin):
@@ -39,6 +43,13 @@ class MIMO(Plugin):
         output_layer: dotted attribute path of the last layer (Linear or Conv2d); default ``head``.
         reliability_diagram: save ``reliability_mimo_test.png`` (the averaged prediction) in the
             run directory, and log it to W&B, at the end of each test epoch.
+        eval_input: how evaluation feeds the same input to every member. ``"tiled"``: the input
+            repeated M times along dim 1 (the paper's way). ``"summed"``: the plain input, which
+            the widened input layer applies through the sum of its M weight blocks (the same
+            numbers, since the layer is linear, without building the tiled input; cached between
+            weight changes). ``"auto"`` (default): on the first evaluation batch run both and keep
+            ``"summed"`` when they agree (a model whose code between its input and its input layer
+            depends on the input's width falls back to ``"tiled"`` with a warning).
     """
 
     name = "mimo"
@@ -53,8 +64,10 @@ class MIMO(Plugin):
         input_layer: str | None = None,
         output_layer: str | None = None,
         reliability_diagram: bool = True,
+        eval_input: str = "auto",
     ) -> None:
         self._check_int("num_members", num_members)
+        self.check_choice("eval_input", eval_input, EVAL_INPUTS)
         self.check_range("input_repetition", input_repetition, low=0.0, high=1.0)
         self._check_int("batch_repetitions", batch_repetitions)
         for argument, path in (("input_layer", input_layer), ("output_layer", output_layer)):
@@ -69,6 +82,9 @@ class MIMO(Plugin):
         self.input_layer = input_layer
         self.output_layer = output_layer
         self.reliability_diagram = reliability_diagram
+        self.eval_input = eval_input
+        # "auto" is decided on the first evaluation batch (per process: not checkpointed).
+        self._eval_input: str | None = None if eval_input == "auto" else eval_input
         self._recorder = ReliabilityRecorder()
 
     def _check_int(self, argument: str, value: object) -> None:
@@ -115,15 +131,17 @@ class MIMO(Plugin):
     # -- every batch ------------------------------------------------------------------------------
 
     @hookimpl
-    def litplug_transform_batch(self, batch: Any, stage: str) -> Any:
-        """Training: each member its own shuffled rows; otherwise the same input tiled M times."""
+    def litplug_transform_batch(self, batch: Any, stage: str, module: L.LightningModule | None) -> Any:
+        """Training: each member its own shuffled rows; otherwise the same input for every member
+        (tiled M times, or left as it is for the summed input layer: see ``eval_input``)."""
         if self.passthrough:
             return None
         if stage != TRAIN:
-            if isinstance(batch, Tensor):  # predict loaders may yield bare inputs
-                return mimo.repeat_inputs(batch, self.num_members)
-            inputs, targets = batch
-            return mimo.repeat_inputs(inputs, self.num_members), targets
+            inputs = batch if isinstance(batch, Tensor) else batch[0]  # predict may yield bare inputs
+            if self.num_members == 1 or self._summed_eval(module, inputs):
+                return None
+            tiled = mimo.repeat_inputs(inputs, self.num_members)
+            return tiled if isinstance(batch, Tensor) else (tiled, *batch[1:])
         inputs, targets = batch
         indices = mimo.member_indices(
             inputs.shape[0], self.num_members, self.input_repetition, self.batch_repetitions
@@ -131,6 +149,36 @@ class MIMO(Plugin):
         member_inputs = mimo.stack_member_inputs(inputs, indices)
         member_targets = targets[indices.to(targets.device)].transpose(0, 1)  # [N, M]
         return member_inputs, member_targets
+
+    def _summed_eval(self, module: L.LightningModule | None, inputs: Tensor) -> bool:
+        """Whether this evaluation batch goes in untiled (``eval_input``; "auto" decides once)."""
+        if self._eval_input is None:
+            if module is None:
+                return False
+            model = module.model
+            if model.training:  # a check forward in training mode would move BatchNorm statistics
+                return False
+            self._eval_input = self._check_summed_input(model, inputs)
+        return self._eval_input == "summed"
+
+    def _check_summed_input(self, model: nn.Module, inputs: Tensor) -> str:
+        """``"summed"`` when the model gives the same outputs for the plain and the tiled input."""
+        with torch.no_grad():
+            tiled = model(mimo.repeat_inputs(inputs, self.num_members))
+            try:
+                plain = model(inputs)
+            except (RuntimeError, ValueError) as err:
+                problem = f"fails on the plain input ({type(err).__name__}: {err})"
+            else:
+                if plain.shape == tiled.shape and torch.allclose(plain, tiled, AUTO_RTOL, AUTO_ATOL):
+                    return "summed"
+                problem = "gives other outputs for the plain input than for the tiled one"
+        warnings.warn(
+            f"plugin '{self.name}': eval_input='auto' keeps the tiled evaluation input: the model "
+            f"{problem} (set eval_input: tiled to silence this)",
+            stacklevel=2,
+        )
+        return "tiled"
 
     @hookimpl
     def litplug_compute_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:

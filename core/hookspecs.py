@@ -76,8 +76,10 @@ def litplug_on_fit_start(module: LightningModule, sample_batch: Any) -> None:
     Fires right before the first training step of every ``fit`` call (also after a resume, so a
     plugin whose work is already in its restored state must skip it; Admin's profiling does). The
     batch is the raw one, before :func:`litplug_transform_batch`. Runs under ``torch.no_grad`` is NOT
-    assumed: the plugin decides. Results: collected. Ranks: all; a plugin that must agree across ranks
-    computes on every rank from its own batch and the DDP callback broadcasts rank zero's state.
+    assumed: the plugin decides. Results: collected. Ranks: all, each with its own shard of the first
+    global batch; afterwards the core broadcasts rank zero's model and plugin state to every rank. A
+    plugin that needs statistics of the global batch reduces them across ranks itself (Admin's
+    profiling pools its variances), otherwise rank zero's shard wins.
     """
 
 
@@ -156,7 +158,19 @@ def litplug_on_before_optimizer_step(module: LightningModule, optimizer: torch.o
 def litplug_on_train_batch_end(module: LightningModule, batch: Any, loss: Tensor, batch_idx: int) -> None:
     """A training step has finished, optimizer step included (EMA updates, center updates).
 
-    ``batch`` is the transformed batch the step trained on. Results: collected. Ranks: all.
+    Exact timing within a training batch, in Lightning's loop: ``training_step`` -> backward ->
+    :func:`litplug_on_after_backward` -> :func:`litplug_on_before_optimizer_step` -> optimizer step
+    -> step-interval LR scheduler step -> **this hook** -> every other callback's
+    ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)`` saves there) ->
+    ``LightningModule.on_train_batch_end``. It is fired by the core's
+    :class:`~litplug.core.module.PluginBatchEndCallback`, placed first in ``trainer.callbacks``, so
+    state a plugin changes here is in a checkpoint saved at this step and visible to every callback.
+    ``module.global_step`` already counts this batch's optimizer step. Fires for every batch, also
+    between optimizer steps under gradient accumulation (compare ``global_step`` to detect a step),
+    and not for a batch skipped by ``on_train_batch_start`` returning -1.
+
+    ``batch`` is the transformed batch the step trained on; ``loss`` the total loss of the step.
+    Results: collected. Ranks: all.
     """
 
 

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -134,6 +135,7 @@ class LitplugModule(L.LightningModule):
                 )
         self.hooks.check_setup(module=self, trainer=trainer)
         self._build_metrics(trainer)
+        _install_first(trainer, PluginBatchEndCallback())
 
     def _build_metrics(self, trainer: L.Trainer) -> None:
         if len(self.metrics) > 0:
@@ -248,7 +250,10 @@ class LitplugModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.hooks.on_before_optimizer_step(module=self, optimizer=optimizer)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def plugins_train_batch_end(self, outputs: Any, batch_idx: int) -> None:
+        """Fire ``litplug_on_train_batch_end``. Called by :class:`PluginBatchEndCallback`, which runs
+        before every other callback's ``on_train_batch_end`` (ModelCheckpoint saves there), not from
+        this module's ``on_train_batch_end``, which Lightning runs after the callbacks'."""
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.hooks.on_train_batch_end(module=self, batch=self._train_batch, loss=loss, batch_idx=batch_idx)
         self._train_batch = None
@@ -362,6 +367,32 @@ class LitplugModule(L.LightningModule):
             if version != plugin.state_version:
                 state = plugin.upgrade_state(state, version)
             plugin.load_state_dict(state)
+
+
+class PluginBatchEndCallback(Callback):
+    """Runs the plugins' ``litplug_on_train_batch_end`` first among all callbacks' batch ends.
+
+    Lightning calls every callback's ``on_train_batch_end`` before the LightningModule's, and
+    ``ModelCheckpoint(every_n_train_steps=...)`` saves in its own. Firing the plugin hook from the
+    module would leave plugin state changed there (an EMA update, a replay offer) out of a checkpoint
+    saved at that step, and a resumed run would miss it. :class:`LitplugModule` puts this callback at
+    the front of ``trainer.callbacks`` in its ``setup`` (Lightning has already ordered its callbacks
+    then, checkpoint callbacks last), so the plugin hook runs after the optimizer step and the
+    step-interval scheduler step, and before any other callback sees the batch end. It has no state
+    and is never saved in checkpoints.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if isinstance(pl_module, LitplugModule):
+            pl_module.plugins_train_batch_end(outputs, batch_idx)
+
+
+def _install_first(trainer: L.Trainer, callback: Callback) -> None:
+    """Put ``callback`` at the front of ``trainer.callbacks``, replacing one of its type (re-setup)."""
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    callbacks[:] = [callback, *(c for c in callbacks if type(c) is not type(callback))]
 
 
 def _batch_size(targets: Tensor) -> int:

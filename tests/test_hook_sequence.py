@@ -1,12 +1,20 @@
-"""The exact sequence of litplug hooks in fit, validate and test (a recording plugin)."""
+"""The exact sequence of litplug hooks in fit, validate and test (a recording plugin), and where the
+after-step hook sits relative to Lightning's callbacks (checkpoints saved at a step see its changes)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import lightning as L
 import torch
 from helpers import RecordingPlugin, quiet_trainer, toy_loaders
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from litplug.core.module import LitplugModule
+from litplug.core.hookspecs import hookimpl
+from litplug.core.module import LitplugModule, PluginBatchEndCallback
+from litplug.core.plugin import Plugin
 
 
 def _module(recorder: RecordingPlugin) -> LitplugModule:
@@ -76,3 +84,77 @@ def test_task_hooks_and_checkpoint_hooks(tmp_path) -> None:
         tmp_path / "x.ckpt", model=nn.Linear(8, 3), plugins=[fresh], weights_only=True
     )
     assert fresh.calls == ["configure_model", "on_load_checkpoint"]
+
+
+# -- litplug_on_train_batch_end runs before every callback's on_train_batch_end ---------------------
+
+
+class CallbackSpy(Callback):
+    """A user callback that writes its own batch end (and the optimizer step it saw) into the recorder."""
+
+    def __init__(self, recorder: RecordingPlugin) -> None:
+        self.recorder = recorder
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.recorder.calls.append(f"callback.on_train_batch_end:{trainer.global_step}")
+
+
+def test_plugin_batch_end_runs_before_user_callbacks_after_the_optimizer_step() -> None:
+    recorder = RecordingPlugin()
+    train, _ = toy_loaders()
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[CallbackSpy(recorder)])
+    trainer.fit(_module(recorder), train)
+    steps = [c for c in recorder.calls if c in ("on_before_optimizer_step", "on_train_batch_end") or "." in c]
+    assert steps == [
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+        "callback.on_train_batch_end:1",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+        "callback.on_train_batch_end:2",
+    ]
+    assert isinstance(trainer.callbacks[0], PluginBatchEndCallback)  # type: ignore[attr-defined]
+    trainer.fit(_module(RecordingPlugin()), train)  # a second fit on the same trainer: still one, first
+    core = [c for c in trainer.callbacks if isinstance(c, PluginBatchEndCallback)]  # type: ignore[attr-defined]
+    assert len(core) == 1 and trainer.callbacks[0] is core[0]  # type: ignore[attr-defined]
+
+
+class StepCounter(Plugin):
+    """State changed only in litplug_on_train_batch_end: the number of steps it has seen."""
+
+    name = "step_counter"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @hookimpl
+    def litplug_on_train_batch_end(self) -> None:
+        self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+
+
+def test_checkpoint_saved_every_step_holds_the_state_changed_in_that_steps_batch_end(tmp_path: Path) -> None:
+    counter = StepCounter()
+    module = LitplugModule(nn.Linear(8, 3), plugins=[counter], num_classes=3)
+    train, _ = toy_loaders()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer(
+        max_steps=3, limit_val_batches=0, callbacks=[checkpoint], enable_checkpointing=True
+    )
+    trainer.fit(module, train)
+    for step in (1, 2, 3):
+        saved = torch.load(tmp_path / f"epoch=0-step={step}.ckpt", weights_only=True)
+        assert saved["global_step"] == step
+        assert saved["litplug"]["plugins"]["step_counter"]["state"]["count"] == step
+    # Resuming from step 2 continues the count as an uninterrupted run would.
+    resumed = StepCounter()
+    module = LitplugModule(nn.Linear(8, 3), plugins=[resumed], num_classes=3)
+    quiet_trainer(max_steps=3, limit_val_batches=0).fit(
+        module, train, ckpt_path=tmp_path / "epoch=0-step=2.ckpt"
+    )
+    assert resumed.count == counter.count == 3

@@ -24,7 +24,9 @@ from litplug.plugins.ewc import (
     fisher_diagonal_loop,
     merge_separate,
     online_update,
+    quadratic_penalty,
 )
+from litplug.plugins.ewc.functional import PreparedPenalty
 
 # -- Fisher estimators ----------------------------------------------------------------------------
 
@@ -145,6 +147,75 @@ def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
     assert values[1] / values[0] == pytest.approx(4.0, rel=1e-4)
     expected = 0.5 * 10.0 * sum((fisher[n] * (0.1 * direction[n]) ** 2).sum() for n in anchor)
     assert values[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _plain_penalty(
+    params: dict[str, torch.Tensor], center, fisher, ewc_lambda: float, offset=0.0
+) -> torch.Tensor:
+    """The textbook formula through ordinary autograd: the reference of the fused penalty."""
+    return 0.5 * ewc_lambda * (quadratic_penalty(params, center, fisher) + offset)
+
+
+@pytest.mark.parametrize("offset", [0.0, 2.5])
+def test_fused_penalty_value_and_gradient_equal_autograd_of_the_plain_formula(offset: float) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(width=4)  # conv, BN and linear parameters of several shapes
+    params = _params(model)
+    center = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in params.items()}
+    fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    fisher[next(iter(fisher))].zero_()  # a parameter with zero Fisher everywhere
+    fused = ewc_penalty(params, center, fisher, 30.0, offset)
+    plain = _plain_penalty(params, center, fisher, 30.0, offset)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    g_fused = torch.autograd.grad(fused, list(params.values()))
+    g_plain = torch.autograd.grad(plain, list(params.values()))
+    for a, b in zip(g_fused, g_plain, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert a.abs().max() > 0 or b.abs().max() == 0
+
+
+def test_fused_penalty_is_zero_with_zero_gradient_at_the_anchor() -> None:
+    model = MLP(8, [4], 3)
+    params = _params(model)
+    anchor = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    value = ewc_penalty(params, anchor, fisher, 1e6)
+    value.backward()
+    assert value.item() == 0.0
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in params.values())
+
+
+def test_fused_penalty_gradient_carries_the_upstream_scale_as_under_amp_loss_scaling() -> None:
+    """GradScaler multiplies the loss; the penalty's gradient must be multiplied too, and add up with
+    the task loss's gradient like any other loss term."""
+    torch.manual_seed(0)
+    model = MLP(8, [4], 3)
+    x, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1])
+    center = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    prepared = PreparedPenalty(center, fisher, scale=2.0)
+    expected = []
+    for penalty in (
+        lambda: prepared(_params(model)),
+        lambda: 2.0 * quadratic_penalty(_params(model), center, fisher),
+    ):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y) + penalty()
+        (1024.0 * loss).backward()
+        expected.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*expected, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = prepared(_params(model))
+    assert value.dtype == torch.float32
+
+
+def test_fused_penalty_refuses_a_second_backward() -> None:
+    params = {"w": torch.ones(3, requires_grad=True)}
+    value = ewc_penalty(params, {"w": torch.zeros(3)}, {"w": torch.ones(3)}, 1.0)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        value.backward()
 
 
 def test_parameters_added_after_the_anchor_are_not_penalised() -> None:

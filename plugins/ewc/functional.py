@@ -48,6 +48,7 @@ __all__ = [
     "merge_separate",
     "online_update",
     "penalised_parameters",
+    "PreparedPenalty",
     "quadratic_penalty",
 ]
 
@@ -432,12 +433,111 @@ def penalised_parameters(
 def quadratic_penalty(
     params: Mapping[str, Tensor], center: Mapping[str, Tensor], fisher: Mapping[str, Tensor]
 ) -> Tensor:
-    """``sum_i F_i (theta_i - center_i)^2`` over the parameters present in ``center``."""
+    """``sum_i F_i (theta_i - center_i)^2`` over the parameters present in ``center``.
+
+    The plain autograd formula (a few small ops per parameter): the reference of the fused
+    :class:`PreparedPenalty`, which the plugin uses.
+    """
     terms = [(fisher[name] * (p - c).pow(2)).sum() for name, p, c in penalised_parameters(params, center)]
     if not terms:
         first = next(iter(params.values()))
         return first.new_zeros(())
     return torch.stack(terms).sum()
+
+
+def _half_sum_of_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return (
+        0.5 * torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]).sum()
+    )
+
+
+class _FusedQuadratic(torch.autograd.Function):
+    """``0.5 * sum_k G_k (theta_k - c_k)^2`` over a list of parameters (``G = 2 * scale * F``), fused.
+
+    Forward (no per-parameter autograd graph): ``d = theta - c`` and ``g = G * d`` for all parameters
+    at once (``_foreach_sub``, ``_foreach_mul``) and the value ``0.5 * sum_k <g_k, d_k>``. ``g`` IS
+    the gradient, so backward only hands it over (times ``grad_out`` when that is not 1, e.g. under
+    AMP loss scaling, which therefore works unchanged). Each ``g_k`` is its own tensor with no other
+    reference, so autograd adds the task-loss gradient into it in place instead of allocating a sum.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        scaled_fisher: Sequence[Tensor],
+        centers: Sequence[Tensor],
+        *params: Tensor,
+    ) -> Tensor:
+        diffs = torch._foreach_sub(list(params), list(centers))
+        grads = torch._foreach_mul(diffs, list(scaled_fisher))
+        device_type = params[0].device.type
+        if torch.is_autocast_enabled(device_type):  # keep the dot products in the parameters' dtype
+            with torch.autocast(device_type, enabled=False):
+                value = _half_sum_of_dots(grads, diffs)
+        else:
+            value = _half_sum_of_dots(grads, diffs)
+        ctx.grads = grads
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grads = ctx.grads
+        ctx.grads = None  # handed to autograd, not kept
+        if grads is None:
+            raise RuntimeError(
+                "the EWC penalty cannot be backpropagated twice (retain_graph is not supported)"
+            )
+        # On CPU the check is free and saves a pass over every parameter; on an accelerator it would
+        # synchronise, so multiply unconditionally there.
+        if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
+            torch._foreach_mul_(grads, grad_out)
+        return (None, None, *grads)
+
+
+class PreparedPenalty:
+    """``scale * (sum_i F_i (theta_i - center_i)^2 + offset)`` with everything but theta precomputed.
+
+    Holds, for the parameter names present in ``center``, ``2 * scale * F`` and the center, moved to
+    each parameter's device and dtype on first use; :meth:`__call__` gathers the current parameters
+    by name and runs the fused autograd function (same value and gradient as the plain formula,
+    :func:`quadratic_penalty`, to float rounding). Parameters missing from ``center`` or of another
+    shape (added after the anchor) are not penalised.
+    """
+
+    def __init__(
+        self,
+        center: Mapping[str, Tensor],
+        fisher: Mapping[str, Tensor],
+        scale: float,
+        offset: float | Tensor = 0.0,
+    ) -> None:
+        self.center = dict(center)
+        self.fisher = {name: fisher[name] for name in center}
+        self.scale = float(scale)
+        self.offset = float(offset)
+        self._key: tuple[Any, ...] | None = None
+        self._names: list[str] = []
+        self._scaled_fisher: list[Tensor] = []
+        self._centers: list[Tensor] = []
+
+    def _prepare(self, params: Mapping[str, Tensor]) -> None:
+        key = tuple((name, p.shape, p.dtype, p.device) for name, p in params.items())
+        if key == self._key:
+            return
+        self._names = [name for name, _, _ in penalised_parameters(params, self.center)]
+        self._scaled_fisher = [
+            (2.0 * self.scale * self.fisher[n]).to(params[n].device, params[n].dtype) for n in self._names
+        ]
+        self._centers = [self.center[n].to(params[n].device, params[n].dtype) for n in self._names]
+        self._key = key
+
+    def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
+        self._prepare(params)
+        if not self._names:
+            return next(iter(params.values())).new_zeros(())
+        tensors = [params[name] for name in self._names]
+        value = _FusedQuadratic.apply(self._scaled_fisher, self._centers, *tensors)
+        return value + self.scale * self.offset if self.offset else value
 
 
 def ewc_penalty(
@@ -447,10 +547,13 @@ def ewc_penalty(
     ewc_lambda: float,
     offset: float | Tensor = 0.0,
 ) -> Tensor:
-    """``(lambda / 2) * (sum_i F_i (theta_i - center_i)^2 + offset)``."""
+    """``(lambda / 2) * (sum_i F_i (theta_i - center_i)^2 + offset)`` (fused; see :class:`PreparedPenalty`).
+
+    Code that calls it every step should build a :class:`PreparedPenalty` once instead.
+    """
     if ewc_lambda < 0:
         raise ValueError(f"ewc_lambda must be >= 0, got {ewc_lambda}")
-    return 0.5 * ewc_lambda * (quadratic_penalty(params, center, fisher) + offset)
+    return PreparedPenalty(center, fisher, 0.5 * ewc_lambda, offset)(params)
 
 
 def merge_separate(

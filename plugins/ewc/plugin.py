@@ -14,7 +14,7 @@ from .functional import (
     ESTIMATORS,
     METHODS,
     FisherDict,
-    ewc_penalty,
+    PreparedPenalty,
     fisher_diagonal,
     merge_separate,
     online_update,
@@ -25,10 +25,6 @@ MODES = ("separate", "online")
 
 def _detached(params: dict[str, Tensor]) -> FisherDict:
     return {name: p.detach().clone() for name, p in params.items()}
-
-
-def _to(tensors: dict[str, Tensor], device: torch.device) -> FisherDict:
-    return {name: t.to(device) for name, t in tensors.items()}
 
 
 def _average_across_ranks(fisher: FisherDict) -> FisherDict:
@@ -104,7 +100,7 @@ class EWC(Plugin):
         self.tasks: list[int] = []
         self.anchors: list[FisherDict] = []
         self.fishers: list[FisherDict] = []
-        self._merged: tuple[FisherDict, FisherDict, Tensor] | None = None
+        self._merged: PreparedPenalty | None = None
 
     @classmethod
     def example(cls) -> EWC:
@@ -142,24 +138,25 @@ class EWC(Plugin):
 
     # -- penalty ----------------------------------------------------------------------------------
 
-    def _quadratic(self, device: torch.device) -> tuple[FisherDict, FisherDict, Tensor]:
-        """The penalty's single quadratic (merged over tasks in separate mode), cached on ``device``."""
-        if self._merged is None or next(iter(self._merged[0].values())).device != device:
+    def _prepared(self) -> PreparedPenalty:
+        """The penalty's single quadratic (merged over tasks in separate mode), built once per task end.
+
+        ``PreparedPenalty`` moves sqrt(F) and the center to each parameter's device and dtype on
+        first use, so later steps cost a few fused ops only.
+        """
+        if self._merged is None:
             if len(self.anchors) == 1:
                 fisher, center, offset = self.fishers[0], self.anchors[0], torch.zeros(())
             else:
                 fisher, center, offset = merge_separate(self.anchors, self.fishers)
-            self._merged = (_to(fisher, device), _to(center, device), offset.to(device))
+            self._merged = PreparedPenalty(center, fisher, 0.5 * self.ewc_lambda, offset)
         return self._merged
 
     def penalty(self, model: torch.nn.Module) -> Tensor | None:
         """The EWC term for ``model``'s current weights (``None`` before the first task ended)."""
         if not self.anchors:
             return None
-        params = dict(model.named_parameters())
-        device = next(iter(params.values())).device
-        fisher, center, offset = self._quadratic(device)
-        return ewc_penalty(params, center, fisher, self.ewc_lambda, offset)
+        return self._prepared()(dict(model.named_parameters()))
 
     @hookimpl
     def litplug_extra_losses(self, module: Any, stage: str) -> dict[str, Tensor] | None:

@@ -159,6 +159,81 @@ def test_matches_reference_chunk_loop(kind: str, batch: int) -> None:
     torch.testing.assert_close(gbn.running_var, running[1], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ghost", [8, 32])
+def test_equal_ghosts_match_reference_over_steps_in_double(ghost: int) -> None:
+    """The fused equal-ghost path (running buffers tiled into the kernel) against the loop, 3 steps.
+
+    float64, so agreement to 1e-10 checks the formulas, not float32 rounding: outputs, gradients of
+    input, weight and bias, and the running statistics after each step (MLP-shaped input).
+    """
+    torch.manual_seed(6)
+    bn = _random_bn(nn.BatchNorm1d, 16).double()
+    gbn = GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost)
+    weight = bn.weight.detach().clone().requires_grad_(True)
+    bias = bn.bias.detach().clone().requires_grad_(True)
+    running = (bn.running_mean.clone(), bn.running_var.clone())
+    for step in range(3):
+        x = (torch.randn(128, 16, dtype=torch.float64) * (step + 1) + step).requires_grad_(True)
+        grad_out = torch.randn(128, 16, dtype=torch.float64)
+        weight.grad = bias.grad = gbn.weight.grad = gbn.bias.grad = None
+        y_ref = _reference_loop(x, weight, bias, running, ghost, 0.1, bn.eps)
+        gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, [x, weight, bias], grad_out)
+        y = gbn(x)
+        gx, gw, gb = torch.autograd.grad(y, [x, gbn.weight, gbn.bias], grad_out)
+        for got, want in [(y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)]:
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        torch.testing.assert_close(gbn.running_mean, running[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(gbn.running_var, running[1], atol=1e-12, rtol=0)
+
+
+def test_running_statistics_update_the_shared_buffers_in_place() -> None:
+    """from_batchnorm shares buffers: a ghost training step must move the original layer's too."""
+    bn = nn.BatchNorm1d(4)
+    gbn = GhostBatchNorm.from_batchnorm(bn, 4)
+    mean_before = bn.running_mean.clone()
+    gbn(torch.randn(16, 4) + 3)
+    assert gbn.running_mean is bn.running_mean
+    assert (bn.running_mean - mean_before).abs().min() > 0.1  # moved towards 3 by momentum 0.1
+    torch.testing.assert_close(gbn.running_var, bn.running_var, atol=0, rtol=0)
+
+
+def test_without_running_statistics() -> None:
+    torch.manual_seed(7)
+    x = torch.randn(32, 5)
+    gbn = GhostBatchNorm(5, ghost_batch_size=8, track_running_stats=False)
+    assert gbn.running_mean is None
+    expected = ghost_batch_norm(x, torch.zeros(5), torch.ones(5), gbn.weight, gbn.bias, 8)
+    torch.testing.assert_close(gbn(x), expected, atol=0, rtol=0)
+    gbn.eval()  # no running statistics: ghost statistics in eval too, like BatchNorm's batch stats
+    torch.testing.assert_close(gbn(x), expected, atol=0, rtol=0)
+
+
+def test_channels_last_input_equals_contiguous() -> None:
+    torch.manual_seed(8)
+    gbn = GhostBatchNorm.from_batchnorm(_random_bn(nn.BatchNorm2d, 4), 8)
+    ref = copy.deepcopy(gbn)
+    x = torch.randn(32, 4, 3, 3)
+    grad_out = torch.randn(32, 4, 3, 3)
+    y_ref, gx_ref = _step(ref, x, grad_out)
+    y, gx = _step(gbn, x.contiguous(memory_format=torch.channels_last), grad_out)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gbn.running_var, ref.running_var, atol=1e-7, rtol=0)
+
+
+def test_twice_differentiable() -> None:
+    """The fused path stays differentiable twice (gradient penalties, torch.func)."""
+    torch.manual_seed(9)
+    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return ghost_batch_norm(x, None, None, weight, bias, 4)
+
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
 def test_ghost_split_rule() -> None:
     assert ghost_batch_sizes(512, 32) == (16, 32, 0)
     assert ghost_batch_sizes(233, 32) == (6, 32, 41)  # remainder 9 <= 16 joins the last ghost batch

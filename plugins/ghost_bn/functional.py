@@ -29,7 +29,10 @@ to the pooled ghost statistics::
 
 ``mean_k`` weighted by each ghost batch's size (so it equals the whole batch's mean) and ``var_k``
 the unbiased per-ghost variance, pooled with weights ``n_k - 1`` (``n_k`` values per channel), i.e.
-the unbiased within-ghost variance; equal ghost batches make both plain averages. Why not
+the unbiased within-ghost variance; equal ghost batches make both plain averages. For equal ghost
+batches the fused call itself does the update: it gets the running buffers tiled ``m`` times,
+applies BatchNorm's update to each ghost's copy, and the mean of the copies is the rule above (no
+separate statistics buffers, no extra pass). Why not
 Composer's ``momentum / num_ghost_batches`` applied once per ghost batch: that makes the running
 statistics' time constant depend on ``g`` only approximately and needs one sequential update per
 ghost batch; the rule above keeps BatchNorm's time constant in steps for every ``g``, is one
@@ -110,6 +113,44 @@ def _normalise(
     return out.reshape(x.shape), mean.view(num_ghosts, channels), var.view(num_ghosts, channels)
 
 
+def _fused_equal(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_ghosts: int,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Equal ghost batches, general shape: one fused ``F.batch_norm`` on the folded input.
+
+    The running statistics go to the kernel tiled ``num_ghosts`` times, so it applies BatchNorm's
+    update to every ghost's copy; the mean of the copies is then exactly the documented rule
+    (``(1 - momentum) * running + momentum * mean_k(stat_k)``). Four small ops, no extra pass.
+    """
+    channels = x.shape[1]
+    tiled_mean = tiled_var = None
+    if running_mean is not None and running_var is not None:
+        tiled_mean = running_mean.expand(num_ghosts, channels).contiguous().view(-1)
+        tiled_var = running_var.expand(num_ghosts, channels).contiguous().view(-1)
+    out = F.batch_norm(
+        _fold(x, num_ghosts),
+        tiled_mean,
+        tiled_var,
+        _tile(weight, num_ghosts),
+        _tile(bias, num_ghosts),
+        True,
+        momentum,
+        eps,
+    )
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            torch.mean(tiled_mean.view(num_ghosts, channels), 0, out=running_mean)
+            torch.mean(tiled_var.view(num_ghosts, channels), 0, out=running_var)
+    return out.reshape(x.shape)
+
+
 @torch.no_grad()
 def _update_running(
     running_mean: Tensor,
@@ -120,14 +161,14 @@ def _update_running(
     values_per_example: int,
     momentum: float,
 ) -> None:
-    """Fold the pooled ghost statistics into the running ones (rule in the module docstring)."""
+    """Fold pooled statistics of unequal ghost batches into the running ones (module docstring).
+
+    Only uneven batches come here; equal ghost batches update inside :func:`_fused_equal`.
+    """
     counts = torch.tensor(sizes, dtype=means.dtype, device=means.device)
-    if len(set(sizes)) == 1:  # equal ghost batches: plain averages (the common, exact-to-BN case)
-        mean, var = means.mean(0), variances.mean(0)
-    else:
-        mean = (counts[:, None] * means).sum(0) / counts.sum()
-        dof = counts * values_per_example - 1
-        var = (dof[:, None] * variances).sum(0) / dof.sum()
+    mean = (counts[:, None] * means).sum(0) / counts.sum()
+    dof = counts * values_per_example - 1
+    var = (dof[:, None] * variances).sum(0) / dof.sum()
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_(var.to(running_var.dtype), momentum)
 
@@ -165,19 +206,27 @@ def ghost_batch_norm(
     if not training or single_ghost:  # exactly BatchNorm (eval, or one ghost batch = the batch)
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
+    if not tail:  # the common case: equal ghost batches, one call, one running-statistics update
+        return _fused_equal(x, running_mean, running_var, weight, bias, num_equal, momentum, eps)
+
+    # Uneven batch (e.g. an epoch's last): equal head + one tail ghost batch, pooled statistics.
     head_len = num_equal * ghost
-    head = x[:head_len] if tail else x
-    out, means, variances = _normalise(head, weight, bias, num_equal, eps, running_mean)
-    sizes = [ghost] * num_equal
-    if tail:
-        tail_out, tail_mean, tail_var = _normalise(x[head_len:], weight, bias, 1, eps, running_mean)
-        out = torch.cat([out, tail_out])
-        if means is not None and variances is not None and tail_mean is not None and tail_var is not None:
-            means, variances = torch.cat([means, tail_mean]), torch.cat([variances, tail_var])
-            sizes.append(tail)
-    if running_mean is not None and running_var is not None and means is not None and variances is not None:
+    out, means, variances = _normalise(x[:head_len], weight, bias, num_equal, eps, running_mean)
+    tail_out, tail_mean, tail_var = _normalise(x[head_len:], weight, bias, 1, eps, running_mean)
+    out = torch.cat([out, tail_out])
+    if running_mean is not None and running_var is not None:
+        assert means is not None and variances is not None and tail_mean is not None and tail_var is not None
+        means, variances = torch.cat([means, tail_mean]), torch.cat([variances, tail_var])
         values_per_example = math.prod(x.shape[2:])
-        _update_running(running_mean, running_var, means, variances, sizes, values_per_example, momentum)
+        _update_running(
+            running_mean,
+            running_var,
+            means,
+            variances,
+            [ghost] * num_equal + [tail],
+            values_per_example,
+            momentum,
+        )
     return out
 
 

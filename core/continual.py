@@ -347,7 +347,8 @@ class ContinualLearning(Callback):
 
     @staticmethod
     def _data(trainer: L.Trainer) -> ContinualDataModule:
-        data = trainer.datamodule
+        # Trainer sets datamodule, callbacks, fast_dev_run, ... in its connectors: invisible to mypy.
+        data = trainer.datamodule  # type: ignore[attr-defined]
         if not isinstance(data, ContinualDataModule):
             raise ContinualSetupError(
                 "ContinualLearning needs a ContinualDataModule (SplitDigitsDataModule, "
@@ -389,8 +390,8 @@ class ContinualLearning(Callback):
         if stage != "fit":
             return
         # The loaders follow the task of the current epoch, so they must be rebuilt every epoch.
-        trainer.reload_dataloaders_every_n_epochs = 1
-        if not trainer.fast_dev_run and trainer.fit_loop.max_epochs != data.total_epochs:
+        trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]
+        if not trainer.fast_dev_run and trainer.fit_loop.max_epochs != data.total_epochs:  # type: ignore[attr-defined]
             rank_zero_info(
                 f"ContinualLearning: max_epochs set to {data.total_epochs} "
                 f"({data.num_tasks} tasks x {data.epochs_per_task} epochs)"
@@ -533,7 +534,7 @@ def fit_continual(
         if not any(isinstance(c, ContinualLearning) for c in callbacks):
             callbacks.append(ContinualLearning())
         trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
-    drivers = [c for c in trainer.callbacks if isinstance(c, ContinualLearning)]
+    drivers = [c for c in trainer.callbacks if isinstance(c, ContinualLearning)]  # type: ignore[attr-defined]
     if not drivers:
         raise ContinualSetupError("the trainer has no ContinualLearning callback")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -129,25 +129,17 @@ def _fused_equal(
     update to every ghost's copy; the mean of the copies is then exactly the documented rule
     (``(1 - momentum) * running + momentum * mean_k(stat_k)``). Four small ops, no extra pass.
     """
-    channels = x.shape[1]
-    tiled_mean = tiled_var = None
-    if running_mean is not None and running_var is not None:
-        tiled_mean = running_mean.expand(num_ghosts, channels).contiguous().view(-1)
-        tiled_var = running_var.expand(num_ghosts, channels).contiguous().view(-1)
-    out = F.batch_norm(
-        _fold(x, num_ghosts),
-        tiled_mean,
-        tiled_var,
-        _tile(weight, num_ghosts),
-        _tile(bias, num_ghosts),
-        True,
-        momentum,
-        eps,
-    )
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            torch.mean(tiled_mean.view(num_ghosts, channels), 0, out=running_mean)
-            torch.mean(tiled_var.view(num_ghosts, channels), 0, out=running_var)
+    folded = _fold(x, num_ghosts)
+    weight, bias = _tile(weight, num_ghosts), _tile(bias, num_ghosts)
+    if running_mean is None or running_var is None:
+        return F.batch_norm(folded, None, None, weight, bias, True, momentum, eps).reshape(x.shape)
+    shape = (num_ghosts, x.shape[1])
+    tiled_mean = running_mean.expand(shape).contiguous()
+    tiled_var = running_var.expand(shape).contiguous()
+    out = F.batch_norm(folded, tiled_mean.view(-1), tiled_var.view(-1), weight, bias, True, momentum, eps)
+    with torch.no_grad():
+        torch.mean(tiled_mean, 0, out=running_mean)
+        torch.mean(tiled_var, 0, out=running_var)
     return out.reshape(x.shape)
 
 

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -137,11 +137,12 @@ def residual_scales(model: nn.Module) -> list[nn.Parameter]:
     """The omega parameters of the post-LN sub-layers, in forward order (error if one is missing)."""
     scales = []
     for index, sublayer in enumerate(post_ln_sublayers(model)):
-        if sublayer.residual_scale is None:
+        scale = sublayer.residual_scale
+        if not isinstance(scale, nn.Parameter):
             raise AdminModelError(
                 f"post-LN sub-layer {index} has no residual_scale: run add_residual_scales first"
             )
-        scales.append(sublayer.residual_scale)
+        scales.append(scale)
     return scales
 
 
@@ -265,7 +266,8 @@ def profile_omegas(model: nn.Module, inputs: Any) -> ProfileResult:
     for index, sublayer in enumerate(sublayers):
         handles.append(sublayer.register_forward_pre_hook(lambda m, a, i=index: before_sublayer(i, m, a)))
         handles.append(sublayer.register_forward_hook(lambda m, a, out, i=index: after_sublayer(i, m, a)))
-        handles.append(sublayer.branch.register_forward_hook(lambda m, a, out, i=index: after_branch(i, out)))
+        branch = cast(nn.Module, sublayer.branch)
+        handles.append(branch.register_forward_hook(lambda m, a, out, i=index: after_branch(i, out)))
     was_training = model.training
     device = scales[0].device
     try:
@@ -351,7 +353,7 @@ def fold_omegas_into_weights(model: nn.Module, min_abs_omega: float = 1e-6) -> n
     import copy
 
     folded = copy.deepcopy(model)
-    sublayers = list(folded.residual_sublayers())
+    sublayers: list[Any] = list(cast(Any, folded).residual_sublayers())  # the protocol is duck-typed
     post = post_ln_sublayers(folded)
     if len(post) != len(sublayers):
         raise AdminModelError("cannot fold omegas in a model that mixes pre-LN and post-LN sub-layers")

@@ -1,7 +1,8 @@
 """Adversarial robustness on digits: standard training, PGD-AT, ADT_EXP, ADT_EXP-AM, ADT_IMP-AM.
 
-    /work/venv/bin/python benchmarks/adversarial/run.py          # full run (minutes on 2 cores)
-    /work/venv/bin/python benchmarks/adversarial/run.py --quick  # smoke run
+    .venv/bin/python benchmarks/adversarial/run.py --threads 1             # MLP, full run
+    .venv/bin/python benchmarks/adversarial/run.py --threads 1 --arch cnn  # SmallCNN on 8x8 images
+    .venv/bin/python benchmarks/adversarial/run.py --quick                 # smoke run
 
 Trains each method with LitplugModule + Lightning on scikit-learn's digits (inputs in [0, 1]) for
 several seeds, evaluates clean accuracy and robust accuracy under FGSM, PGD-20 and margin-loss PGD-20
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +37,14 @@ from litplug.plugins.pgd_at import PGDAdversarialTraining
 HERE = Path(__file__).resolve().parent
 DEFAULT_THREADS = 2
 METHODS = ("standard", "pgd_at", "adt_exp", "adt_exp_am", "adt_imp_am")
+#: Optional rows: the amortised variants with a 10x generator learning rate (2e-3 instead of the
+#: paper's 2e-4), to separate "the generator had too few steps" from the method (RESULTS.md).
+EXTRA_METHODS = ("adt_exp_am_glr2e-3", "adt_imp_am_glr2e-3")
 ATTACKS = ["fgsm", "pgd", "margin_pgd"]
+#: Generator width per architecture: the MLP generator (width 64) costs about one classifier pass;
+#: a conv generator of 64 channels at 8x8 would cost ~30 SmallCNN passes, so the CNN gets 16
+#: channels (about two SmallCNN passes), keeping the generator small relative to the classifier.
+GENERATOR_WIDTH = {"mlp": 64, "cnn": 16}
 
 
 def make_plugins(method: str, epsilon: float, generator_width: int = 64) -> list[Plugin]:
@@ -43,9 +52,15 @@ def make_plugins(method: str, epsilon: float, generator_width: int = 64) -> list
         return []
     if method == "pgd_at":
         return [PGDAdversarialTraining(epsilon=epsilon, steps=7)]
-    variant = {"adt_exp": "exp", "adt_exp_am": "exp_am", "adt_imp_am": "imp_am"}[method]
+    name, _, generator_lr = method.partition("_glr")
+    variant = {"adt_exp": "exp", "adt_exp_am": "exp_am", "adt_imp_am": "imp_am"}[name]
     return [
-        AdversarialDistributionalTraining(variant=variant, epsilon=epsilon, generator_width=generator_width)
+        AdversarialDistributionalTraining(
+            variant=variant,
+            epsilon=epsilon,
+            generator_width=generator_width,
+            generator_lr=float(generator_lr) if generator_lr else 2e-4,
+        )
     ]
 
 
@@ -63,7 +78,9 @@ def train(method: str, arch: str, seed: int, epsilon: float, epochs: int) -> nn.
     L.seed_everything(seed, verbose=False)
     model = make_model(arch)
     module = LitplugModule(
-        model, plugins=make_plugins(method, epsilon), optimizer=lambda p: torch.optim.Adam(p, lr=1e-3)
+        model,
+        plugins=make_plugins(method, epsilon, GENERATOR_WIDTH[arch]),
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -115,7 +132,7 @@ def step_fn(method: str, arch: str, epsilon: float, batch: tuple[Tensor, Tensor]
     """One full training step of ``method`` (transform, forward, loss, backward, both optimizers)
     outside Lightning, so the timing compares the methods and not the trainer's overhead."""
     torch.manual_seed(0)
-    module = LitplugModule(make_model(arch), plugins=make_plugins(method, epsilon))
+    module = LitplugModule(make_model(arch), plugins=make_plugins(method, epsilon, GENERATOR_WIDTH[arch]))
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     module.hooks.on_fit_start(module=module, sample_batch=batch)
     module.train()
@@ -140,17 +157,21 @@ def step_fn(method: str, arch: str, epsilon: float, batch: tuple[Tensor, Tensor]
 #: Forward/backward passes of batch size B per training step (ADT_EXP's inner passes are batches
 #: of samples * B, counted as ``samples`` passes); the amortised variants add a generator pass.
 def passes_per_step(method: str) -> int:
-    return {"standard": 1, "pgd_at": 8, "adt_exp": 7 * 5 + 1, "adt_exp_am": 3, "adt_imp_am": 3}[method]
+    base = method.partition("_glr")[0]
+    return {"standard": 1, "pgd_at": 8, "adt_exp": 7 * 5 + 1, "adt_exp_am": 3, "adt_imp_am": 3}[base]
 
 
 def time_steps(arch: str, epsilon: float, repeats: int, inner: int) -> dict[str, float]:
+    """Medians of interleaved timings; the generator learning rate does not change the cost, so the
+    extra ``_glr`` rows are not timed separately."""
     data = make_data(arch, 0)
     data.setup()
     x, y = data.datasets["train"].tensors
     batch = (x[:64], y[:64])
     steps = {m: step_fn(m, arch, epsilon, batch) for m in METHODS}
     for fn in steps.values():  # warm up
-        fn()
+        for _ in range(3):
+            fn()
     samples: dict[str, list[float]] = {m: [] for m in METHODS}
     for _ in range(repeats):  # interleaved: every method sees the same machine load
         for method, fn in steps.items():
@@ -177,7 +198,16 @@ def main() -> None:
     parser.add_argument("--train-epsilon", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--out", type=Path, default=None, help="default: RESULTS_<arch>.md next to this file")
+    parser.add_argument(
+        "--extra",
+        action="store_true",
+        help="also train the amortised variants with generator lr 2e-3 (rows adt_*_glr2e-3)",
+    )
+    parser.add_argument(
+        "--epsilons", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5], help="test epsilons"
+    )
+    parser.add_argument("--timing-repeats", type=int, default=21, help="interleaved timing rounds")
     parser.add_argument(
         "--threads",
         type=int,
@@ -185,18 +215,22 @@ def main() -> None:
         help="torch threads (1 if the machine is oversubscribed)",
     )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = HERE / f"RESULTS_{args.arch}.md"
+    args.load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
+    methods = METHODS + (EXTRA_METHODS if args.extra else ())
     epochs, seeds = (2, 1) if args.quick else (args.epochs, args.seeds)
-    epsilons = [0.05, 0.1, 0.2, 0.3, 0.5]
+    epsilons = list(args.epsilons)
     restarts = 1 if args.quick else 3
     started = time.time()
 
-    tables: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
-    sanity: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
+    tables: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    sanity: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for seed in range(seeds):
         x, y = test_split(args.arch, seed)
         models = {}
-        for method in METHODS:
+        for method in methods:
             t0 = time.time()
             models[method] = train(method, args.arch, seed, args.train_epsilon, epochs)
             print(f"seed {seed} {method}: trained in {time.time() - t0:.1f}s", flush=True)
@@ -214,7 +248,7 @@ def main() -> None:
             )
         print(f"seed {seed} done at {time.time() - started:.0f}s", flush=True)
 
-    timing_repeats, inner = (3, 2) if args.quick else (9, 5)
+    timing_repeats, inner = (3, 2) if args.quick else (args.timing_repeats, 5)
     timings = time_steps(args.arch, args.train_epsilon, timing_repeats, inner)
     write_report(args, epochs, seeds, epsilons, restarts, tables, sanity, timings, time.time() - started)
 
@@ -230,26 +264,35 @@ def write_report(
     timings: dict[str, float],
     elapsed: float,
 ) -> None:
-    command = "/work/venv/bin/python benchmarks/adversarial/run.py" + (" --quick" if args.quick else "")
+    command = ".venv/bin/python benchmarks/adversarial/run.py" + (" --quick" if args.quick else "")
     for flag, value, default in (
         ("--arch", args.arch, "mlp"),
         ("--threads", args.threads, DEFAULT_THREADS),
         ("--epochs", args.epochs, 20),
         ("--seeds", args.seeds, 3),
         ("--train-epsilon", args.train_epsilon, 0.1),
+        ("--timing-repeats", args.timing_repeats, 21),
+        ("--epsilons", " ".join(f"{e:g}" for e in args.epsilons), "0.05 0.1 0.2 0.3 0.5"),
     ):
         if value != default:
             command += f" {flag} {value}"
+    if args.extra:
+        command += " --extra"
+    load_end = os.getloadavg()
     lines = [
         "# Adversarial robustness on digits: standard, PGD-AT, ADT_EXP, ADT_EXP-AM, ADT_IMP-AM",
         "",
         f"- Command: `{command}`",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
-        f"{args.threads} thread(s); total {elapsed / 60:.1f} min",
+        f"{args.threads} thread(s); total {elapsed / 60:.1f} min; load average (1/5/15 min) "
+        f"{'/'.join(f'{v:.1f}' for v in args.load_start)} at start, "
+        f"{'/'.join(f'{v:.1f}' for v in load_end)} at end on {os.cpu_count()} cores",
         f"- Setup: {args.arch.upper()} on digits (inputs in [0, 1]), Adam 1e-3, batch 64, {epochs} epochs, "
         f"{seeds} seed(s) (mean ± std); training epsilon {args.train_epsilon} (L-inf) for every robust method; "
         "PGD-AT 7 steps of eps/4 with random start; ADT with the paper's defaults (7 steps, lr 0.3, "
-        "5 samples, lambda 0.01; AM: generator Adam 2e-4, b1 0.5; IMP-AM lambda 1, 64 noise dims).",
+        "5 samples, lambda 0.01; AM: generator Adam 2e-4, b1 0.5; IMP-AM lambda 1, 64 noise dims); "
+        f"generator width {GENERATOR_WIDTH[args.arch]}"
+        + ("; rows `_glr2e-3`: the same with generator lr 2e-3." if args.extra else "."),
         f"- Evaluation on the test split (270 images): FGSM; PGD-20 (CE, step 2.5 eps/20, random start); "
         f"margin (CW) PGD-20 with {restarts} restart(s). Attacks in eval mode, inputs clipped to [0, 1].",
         "- The machine is shared with other jobs: absolute times are inflated and noisy; compare ratios.",
@@ -280,7 +323,7 @@ def write_report(
         keys = ["pgd10", "pgd20", "pgd50", "pgd100", "pgd20_eps1.0", "transfer"]
         lines.append(f"| {method} | " + " | ".join(mean_std(checks[k]) for k in keys) + " |")
     lines += ["", "Automatic verdicts (per method, mean over seeds):", ""]
-    for method in METHODS:
+    for method in tables:
         lines.append(f"- {method}: " + "; ".join(sanity_verdicts(tables[method], sanity[method], epsilons)))
     pgd7 = timings["pgd_at"]
     lines += [

@@ -150,7 +150,9 @@ class DistributedPlugins(Callback):
         for plugin in getattr(pl_module, "plugins", []):
             if not plugin.rank_local_state:
                 sums = distributed.checksums(plugin.state_dict())
-                local[f"plugin '{plugin.name}'"] = {k: v for k, v in sums.items() if not k.endswith(_PER_RANK_BUFFERS)}
+                local[f"plugin '{plugin.name}'"] = {
+                    k: v for k, v in sums.items() if not k.endswith(_PER_RANK_BUFFERS)
+                }
         gathered = distributed.gather_object(local)
         for owner, sums in gathered[0].items():
             for other_rank, other in enumerate(gathered[1:], start=1):

@@ -2,10 +2,15 @@
 
     python -m litplug.callbacks.ddp.gpu_check                       # all visible GPUs, bf16, NCCL
     python -m litplug.callbacks.ddp.gpu_check --devices 1 --only ghost_bn
-    python -m litplug.callbacks.ddp.gpu_check --accelerator cpu --precision 32-true  # dry run on CPU
+    python -m litplug.callbacks.ddp.gpu_check --accelerator cpu --devices 1 --precision 32-true  # CPU dry run
+    python -m litplug.callbacks.ddp.gpu_check --accelerator cpu --devices 2 --precision 32-true  # 2 ranks, gloo
 
 CI has no GPU; run this on a GPU machine after changing a plugin. It prints one line per case
-(ok / unsupported / FAILED with the error) and exits non-zero if any case failed.
+(ok / unsupported / FAILED with the error) per rank and exits non-zero if any case failed. With more
+than one device every case runs under ``DDPStrategy`` with a bounded collective timeout
+(``--timeout-s``), so a case that fails on one rank only cannot hang the check. One GPU gives a
+one-process run (CUDA and bf16 paths only): NCCL refuses two ranks on the same GPU, so the
+cross-rank code needs two or more GPUs.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 import traceback
+from datetime import timedelta
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from litplug.callbacks.ddp.callback import DistributedPlugins
 from litplug.core.discovery import available_plugins, builtin_callbacks
@@ -38,7 +46,11 @@ def run_case(plugin_name: str | None, callback_cls: type | None, args: argparse.
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy="ddp" if args.accelerator == "gpu" and args.devices != 1 else "auto",
+        # A bounded collective timeout: a case failing on one rank only then fails the other rank's
+        # collective within timeout_s instead of hanging the whole check (NCCL's default is minutes).
+        strategy=DDPStrategy(timeout=timedelta(seconds=args.timeout_s))
+        if args.devices != 1  # on CPU (gloo) too: a 2-process dry run of the same launch path
+        else "auto",
         precision=args.precision,
         max_steps=args.steps,
         limit_val_batches=2,
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=5, type=int)
     parser.add_argument("--batch-size", default=64, type=int)
     parser.add_argument("--only", nargs="*", help="plugin names / callback class names to run")
+    parser.add_argument("--timeout-s", default=180, type=int, help="DDP collective timeout (seconds)")
     args = parser.parse_args(argv)
     cases: list[tuple[str, str | None, type | None]] = [("no-plugin", None, None)]
     cases += [(f"plugin {name}", name, None) for name in sorted(available_plugins())]
@@ -79,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c[0].split()[-1] in args.only]
     failed = 0
     for label, plugin_name, callback_cls in cases:
+        started = time.monotonic()
         try:
             outcome = run_case(plugin_name, callback_cls, args)
         except Exception as err:  # report every case, then fail at the end
             failed += 1
             outcome = f"FAILED: {type(err).__name__}: {err}\n{traceback.format_exc()}"
-        print(f"[gpu_check] {label}: {outcome}", flush=True)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        print(f"[gpu_check rank {rank}] {label}: {outcome} [{time.monotonic() - started:.1f}s]", flush=True)
     return 1 if failed else 0
 
 

@@ -1,10 +1,14 @@
 """Ghost batch norm benchmark: layer speed (plain BN vs vectorised GBN vs a chunk loop) and the effect.
 
-    python benchmarks/ghost_bn/run.py           # full run, a few minutes on 2 CPU cores
-    python benchmarks/ghost_bn/run.py --quick   # smoke run (seconds); does not overwrite RESULTS.md
+    python benchmarks/ghost_bn/run.py                # full run, a few minutes on 2 CPU cores
+    python benchmarks/ghost_bn/run.py --quick        # smoke run (seconds); does not overwrite RESULTS.md
+    python benchmarks/ghost_bn/run.py --speed-only   # speed table only; prints, does not overwrite
 
 Speed: forward + backward of one normalisation layer on fixed activations, the three variants timed
-round-robin (so machine load hits them alike), medians over repeats, ``torch.set_num_threads(2)``.
+round-robin (so machine load hits them alike), medians over repeats, ``--threads`` torch threads
+(default 1: on a shared machine one thread per process is what can be had reliably). Besides the
+ratio of the medians, each round's ``GBN / BN`` ratio (two calls a few microseconds apart) gives a
+paired estimate whose quartiles show how much the machine's load moved the result.
 Effect: digits classifiers with BatchNorm trained with a small batch (32), a large batch (512) with
 plain BN, and the large batch with GBN (ghost 32), several seeds; test accuracy and generalisation
 gap (train accuracy - test accuracy, both in eval mode). Every number in RESULTS.md is measured here.
@@ -33,7 +37,6 @@ from litplug.core.data import DigitsDataModule
 from litplug.core.models import MLP, SmallCNN
 from litplug.plugins.ghost_bn import GhostBatchNorm, replace_batchnorms
 
-THREADS = 2
 HERE = Path(__file__).resolve().parent
 
 
@@ -72,8 +75,10 @@ def _fwd_bwd(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], None
     return step
 
 
-def _time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, inner: int) -> dict[str, float]:
-    """Median milliseconds per call of each step.
+def _time_round_robin(
+    steps: dict[str, Callable[[], None]], repeats: int, inner: int
+) -> dict[str, list[float]]:
+    """Milliseconds of every call of each step, in round order.
 
     The variants alternate call by call (``repeats * inner`` calls each), so a burst of load from
     other processes hits all of them alike instead of one variant's block of calls.
@@ -87,7 +92,7 @@ def _time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, inner:
             start = time.perf_counter()
             step()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 @dataclass
@@ -97,6 +102,7 @@ class SpeedRow:
     plain_ms: float
     ghost_ms: float
     loop_ms: float
+    paired: tuple[float, float, float]  # quartiles of the per-round GBN / BN ratio
 
     @property
     def num_ghosts(self) -> int:
@@ -116,8 +122,11 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     }
     numel = math.prod(shape)
     inner = max(1, int(1_000_000 // numel))  # small (fast) shapes get more timed calls
-    ms = _time_round_robin({k: _fwd_bwd(v, x, grad_out) for k, v in layers.items()}, repeats, inner)
-    return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["loop"])
+    samples = _time_round_robin({k: _fwd_bwd(v, x, grad_out) for k, v in layers.items()}, repeats, inner)
+    ms = {name: statistics.median(values) for name, values in samples.items()}
+    ratios = [g / p for g, p in zip(samples["ghost"], samples["plain"], strict=True)]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["loop"], (q1, q2, q3))
 
 
 SPEED_CASES: list[tuple[tuple[int, ...], int]] = [
@@ -203,16 +212,22 @@ def _mean_std(values: list[float]) -> str:
 # -- report ---------------------------------------------------------------------------------------
 
 
+def _load(avg: tuple[float, float, float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in avg)
+
+
 def speed_table(rows: list[SpeedRow]) -> list[str]:
     lines = [
         "| activation | ghost g | ghost batches | plain BN ms | vectorised GBN ms | chunk loop ms "
-        "| GBN / BN | loop / GBN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| GBN / BN | paired GBN / BN: median [quartiles] | loop / GBN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        q1, q2, q3 = r.paired
         lines.append(
             f"| {list(r.shape)} | {r.ghost} | {r.num_ghosts} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
-            f"{r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
+            f"{r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | {q2:.2f}x [{q1:.2f}, {q3:.2f}] | "
+            f"{r.loop_ms / r.ghost_ms:.2f}x |"
         )
     return lines
 
@@ -220,6 +235,10 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few repeats, 1 seed, 2 epochs")
+    parser.add_argument(
+        "--speed-only", action="store_true", help="only the speed table (printed; RESULTS.md untouched)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (set_num_threads)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=41, help="timed samples per speed case")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the batch-32 and batch-512 runs")
@@ -227,7 +246,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
     epochs = 2 if args.quick else args.epochs
     repeats = 5 if args.quick else args.repeats
@@ -240,12 +259,14 @@ def main() -> None:
         r = rows[-1]
         print(
             f"{list(shape)} g={ghost}: BN {r.plain_ms:.3f} ms, GBN {r.ghost_ms:.3f} ms "
-            f"({r.ghost_ms / r.plain_ms:.2f}x), loop {r.loop_ms:.3f} ms ({r.loop_ms / r.ghost_ms:.2f}x GBN)",
+            f"({r.ghost_ms / r.plain_ms:.2f}x; paired {r.paired[1]:.2f}x [{r.paired[0]:.2f}, {r.paired[2]:.2f}]), "
+            f"loop {r.loop_ms:.3f} ms ({r.loop_ms / r.ghost_ms:.2f}x GBN)",
             flush=True,
         )
 
+    load_speed = os.getloadavg()
     effect: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for kind in args.models:
+    for kind in [] if args.speed_only else args.models:
         for regime in regimes(epochs, args.lr):
             results = [train_once(kind, regime, seed) for seed in range(seeds)]
             effect[(kind, regime.label)] = results
@@ -259,19 +280,20 @@ def main() -> None:
         "# Ghost batch norm: measured results",
         "",
         f"- Command: `{command}`",
-        f"- Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall time {elapsed:.0f} s",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC; wall time {elapsed:.0f} s",
         f"- torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; torch threads: {torch.get_num_threads()}",
-        f"- Machine load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f} "
-        f"on {os.cpu_count()} CPUs (other jobs shared the machine; the round-robin timing spreads that "
-        "load over all three variants alike)",
+        f"- Machine load average (1 / 5 / 15 min) before: {_load(load_before)}; after the speed part: "
+        f"{_load(load_speed)}; at the end: {_load(load_after)}; {os.cpu_count()} CPUs (other jobs "
+        "shared the machine; the round-robin timing spreads that load over all three variants alike)",
         "",
         "## Speed: one normalisation layer, forward + backward",
         "",
         f"Median over >= {repeats} calls per variant, alternating call by call; plain BN = `nn.BatchNorm`, vectorised GBN = "
         "`GhostBatchNorm` (one fused `F.batch_norm` on ghosts folded into channels), chunk loop = "
         "`F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
-        "loop / GBN >= 3x at >= 32 ghost batches.",
+        "loop / GBN >= 3x at >= 32 ghost batches. Paired = each round's GBN call divided by the BN call "
+        "just before it; its quartiles show the spread the machine's load caused.",
         "",
         *speed_table(rows),
         "",
@@ -293,7 +315,7 @@ def main() -> None:
         gap = [a - t for a, t in results]
         lines.append(f"| {kind} | {label} | {_mean_std(test)} | {_mean_std(train)} | {_mean_std(gap)} |")
     text = "\n".join(lines) + "\n"
-    if args.quick:
+    if args.quick or args.speed_only:
         print(text)
         return
     args.output.write_text(text)

@@ -125,21 +125,26 @@ def _fused_equal(
 ) -> Tensor:
     """Equal ghost batches, general shape: one fused ``F.batch_norm`` on the folded input.
 
-    The running statistics go to the kernel tiled ``num_ghosts`` times, so it applies BatchNorm's
-    update to every ghost's copy; the mean of the copies is then exactly the documented rule
-    (``(1 - momentum) * running + momentum * mean_k(stat_k)``). Four small ops, no extra pass.
+    The running statistics go to the kernel as ``num_ghosts`` scaled copies, so it applies
+    BatchNorm's update to every ghost's copy and the sum of the copies is the documented rule
+    (``(1 - momentum) * running + momentum * mean_k(stat_k)``): four small ops, no extra pass.
     """
     folded = _fold(x, num_ghosts)
     weight, bias = _tile(weight, num_ghosts), _tile(bias, num_ghosts)
     if running_mean is None or running_var is None:
         return F.batch_norm(folded, None, None, weight, bias, True, momentum, eps).reshape(x.shape)
+    # Copy k of the buffers gets BatchNorm's update with momentum mu = momentum / m from the start
+    # value t0 = (1 - momentum) / (m - momentum) * running (so that m * (1 - mu) * t0 is
+    # (1 - momentum) * running); the SUM of the m copies is then the rule's update. Building the
+    # copies and summing them are one op each (a mean would cost a division more).
     shape = (num_ghosts, x.shape[1])
-    tiled_mean = running_mean.expand(shape).contiguous()
-    tiled_var = running_var.expand(shape).contiguous()
-    out = F.batch_norm(folded, tiled_mean.view(-1), tiled_var.view(-1), weight, bias, True, momentum, eps)
-    with torch.no_grad():
-        torch.mean(tiled_mean, 0, out=running_mean)
-        torch.mean(tiled_var, 0, out=running_var)
+    start = (1.0 - momentum) / (num_ghosts - momentum)
+    tiled_mean = torch.mul(running_mean.expand(shape), start)
+    tiled_var = torch.mul(running_var.expand(shape), start)
+    mu = momentum / num_ghosts
+    out = F.batch_norm(folded, tiled_mean.view(-1), tiled_var.view(-1), weight, bias, True, mu, eps)
+    torch.sum(tiled_mean, 0, out=running_mean)
+    torch.sum(tiled_var, 0, out=running_var)
     return out.reshape(x.shape)
 
 

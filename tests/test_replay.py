@@ -1,10 +1,20 @@
-"""Replay's reservoir memory: fill, bound, uniform inclusion, per-class reservoirs, errors."""
+"""Replay: the reservoir memory (fill, bound, uniform inclusion, per-class, errors) and the plugin in a run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
+from lightning.pytorch.callbacks import Callback
 
+from litplug.core.continual import ContinualLearning, fit_continual
+from litplug.core.data.continual import SplitDigitsDataModule
+from litplug.core.models import MLP
+from litplug.core.module import LitplugModule
+from litplug.plugins.replay import Replay
 from litplug.plugins.replay.functional import ReservoirMemory, reservoir_slots
 
 
@@ -57,3 +67,93 @@ def test_sampling_returns_stored_triples_and_refuses_an_empty_memory() -> None:
     assert tasks.eq(7).all()
     with pytest.raises(ValueError, match="capacity"):
         ReservoirMemory(capacity=0)
+
+
+# -- the plugin inside a real run ------------------------------------------------------------------
+
+
+def _two_split_tasks() -> SplitDigitsDataModule:
+    return SplitDigitsDataModule(
+        classes_per_task=5, scenario="class", epochs_per_task=1, batch_size=32, seed=0
+    )
+
+
+def _row_labels(data: SplitDigitsDataModule) -> dict[tuple[float, ...], int]:
+    """Every training input of both tasks (as a tuple) -> its label."""
+    data.setup()
+    rows = {}
+    for task in range(data.num_tasks):
+        for inputs, targets in data.task_loader(task, "train"):
+            for x, y in zip(inputs, targets, strict=True):
+                rows[tuple(x.tolist())] = int(y)
+    return rows
+
+
+class _EpochOfBatch(Callback):
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        self.epochs.append(int(trainer.current_epoch))
+
+
+def test_replay_mixes_memory_samples_into_the_next_tasks_batches_and_checkpoints_its_memory(
+    tmp_path: Path,
+) -> None:
+    data = _two_split_tasks()
+    rows = _row_labels(data)
+    task0_classes = set(data.task_classes[0])
+    L.seed_everything(0)
+    model = MLP(64, [32], 10)
+    seen_by_model: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda m, args: seen_by_model.append(args[0].detach().clone()) if m.training else None
+    )
+    module = LitplugModule(
+        model,
+        plugins=[Replay(memory_size=40, replay_batch_size=16)],
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
+    )
+    epochs = _EpochOfBatch()
+    trainer = quiet_trainer(
+        callbacks=[ContinualLearning(results_file=None, heatmap=False), epochs], limit_val_batches=0
+    )
+    fit_continual(module, _two_split_tasks(), trainer=trainer)
+    assert len(seen_by_model) == len(epochs.epochs)
+    task1 = [x for x, epoch in zip(seen_by_model, epochs.epochs, strict=True) if epoch == 1]
+    assert task1, "no task-1 batches"
+    replayed_old = 0
+    for index, x in enumerate(task1):
+        labels = [rows[tuple(row.tolist())] for row in x]  # every row is a real training example
+        new, replayed = labels[:-16], labels[-16:]
+        assert (len(new) == 32 or index == len(task1) - 1) and all(y not in task0_classes for y in new)
+        replayed_old += sum(y in task0_classes for y in replayed)
+        if index == 0:  # the memory holds only task 0 when task 1 starts
+            assert all(y in task0_classes for y in replayed), replayed
+    assert replayed_old > 0.4 * 16 * len(task1)  # the reservoir still holds a good share of task 0
+
+    plugin = module.get_plugin("replay")
+    path = tmp_path / "replay.ckpt"
+    trainer.save_checkpoint(path)
+    fresh = LitplugModule(MLP(64, [32], 10), plugins=[Replay(memory_size=40, replay_batch_size=16)])
+    fresh.on_load_checkpoint(torch.load(path, weights_only=False))
+    restored = fresh.get_plugin("replay")
+    assert restored.current_task == plugin.current_task == 1
+    assert len(restored.memory) == len(plugin.memory) == 40
+    for field in ("inputs", "labels", "tasks", "filled", "seen"):
+        assert torch.equal(getattr(restored.memory, field), getattr(plugin.memory, field)), field
+    assert set(plugin.memory.tasks[plugin.memory.filled].tolist()) == {0, 1}
+
+
+def test_replay_leaves_evaluation_batches_alone() -> None:
+    plugin = Replay(memory_size=8, replay_batch_size=4)
+
+    class _Module:
+        model = None
+        num_classes = 10
+
+    batch = (torch.randn(5, 3), torch.arange(5))
+    assert plugin.litplug_transform_batch(_Module(), batch, "train") is None  # fills, nothing to replay yet
+    mixed = plugin.litplug_transform_batch(_Module(), batch, "train")
+    assert mixed[0].shape[0] == 9 and mixed[1].shape[0] == 9
+    assert plugin.litplug_transform_batch(_Module(), batch, "val") is None

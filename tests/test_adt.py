@@ -233,8 +233,13 @@ def test_log_q_penalty_is_zero_below_threshold() -> None:
         AdversarialDistributionalTraining(
             variant="exp_am", epsilon=0.2, generator_width=32, generator_lr=1e-3
         ),
+        # ~120 steps: with the paper's generator lr 2e-4 imp_am measured 0.015, no better than
+        # standard training (the generator barely moves); with 2e-3 it measured 0.074 vs 0.015.
+        AdversarialDistributionalTraining(
+            variant="imp_am", epsilon=0.2, generator_width=32, generator_lr=2e-3
+        ),
     ],
-    ids=["exp", "exp_am"],
+    ids=["exp", "exp_am", "imp_am"],
 )
 def test_adt_beats_standard_training_on_pgd_accuracy(plugin: AdversarialDistributionalTraining) -> None:
     from test_pgd_at import train_and_attack
@@ -242,7 +247,8 @@ def test_adt_beats_standard_training_on_pgd_accuracy(plugin: AdversarialDistribu
     standard_clean, standard_robust = train_and_attack([])
     adt_clean, adt_robust = train_and_attack([plugin])
     assert adt_clean > 0.6
-    # exp_am is the weaker variant after 6 epochs (measured 0.074 vs 0.015 for standard at eps 0.2).
+    # The amortised variants are weaker after 6 epochs (exp_am measured 0.074, imp_am 0.074 vs 0.015
+    # for standard training at eps 0.2).
     margin = 0.1 if plugin.variant == "exp" else 0.04
     assert adt_robust > standard_robust + margin, (standard_robust, adt_robust)
 

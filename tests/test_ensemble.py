@@ -28,6 +28,7 @@ from litplug.plugins.ensemble import (
     disagreement,
     ensemble_log_probs,
     ensemble_nll,
+    faster_path,
     make_members,
     sum_of_member_losses,
     time_forward_paths,
@@ -295,3 +296,74 @@ def test_fit_logs_member_metrics_chooses_a_path_and_draws_the_diagram(tmp_path: 
     restored = DeepEnsemble(num_members=3, path="auto")
     restored.load_state_dict(plugin.state_dict())
     assert (restored.train_path, restored.eval_path) == (plugin.train_path, plugin.eval_path)
+
+
+# -- the automatic path choice and the GPU check ------------------------------------------------------
+
+
+def test_faster_path_keeps_the_preferred_path_unless_the_other_wins_by_the_margin() -> None:
+    timings = {"eval_vmap": 0.95, "eval_sequential": 1.0, "train_vmap": 0.8, "train_sequential": 1.0}
+    assert faster_path(timings, "eval") == "vmap"  # plain comparison (margin 0)
+    assert faster_path(timings, "eval", "sequential", 0.1) == "sequential"  # 5% is noise
+    assert faster_path(timings, "train", "sequential", 0.1) == "vmap"  # 20% is not
+    gpu_like = {"eval_vmap": 1.05, "eval_sequential": 1.0}
+    assert faster_path(gpu_like, "eval", "vmap", 0.1) == "vmap"
+    assert faster_path({"eval_vmap": 2.0, "eval_sequential": 1.0}, "eval", "vmap", 0.1) == "sequential"
+    assert faster_path({"eval_vmap": math.inf, "eval_sequential": 1.0}, "eval", "vmap", 0.1) == "sequential"
+    assert DeepEnsemble.rule_path(torch.device("cuda")) == "vmap"
+    assert DeepEnsemble.rule_path(torch.device("cpu")) == "sequential"
+
+
+def test_auto_path_on_cpu_does_not_leave_sequential_for_noise(monkeypatch) -> None:
+    """A fit whose timings show vmap 5% faster keeps the CPU's sequential path; 30% faster switches."""
+    import litplug.plugins.ensemble.plugin as plugin_module
+
+    for vmap_time, expected in ((0.95, "sequential"), (0.7, "vmap")):
+        fake = {
+            "train_vmap": vmap_time,
+            "train_sequential": 1.0,
+            "eval_vmap": vmap_time,
+            "eval_sequential": 1.0,
+        }
+        monkeypatch.setattr(plugin_module, "time_forward_paths", lambda *a, fake=fake, **k: dict(fake))
+        plugin = DeepEnsemble(num_members=2, path="auto", reliability_diagram=False)
+        module = LitplugModule(MLP(64, [8]), plugins=[plugin])
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+        assert (plugin.train_path, plugin.eval_path) == (expected, expected)
+
+
+def _gpu_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "uncertainty" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("litplug_gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_code_path_runs_on_the_cpu_and_refuses_to_fake_a_gpu(tmp_path: Path) -> None:
+    """The GPU check's agreement and timing functions on tiny CPU models (so the script does not
+    rot between GPU sessions); without CUDA its main entry point measures nothing."""
+    check = _gpu_check()
+    cpu = torch.device("cpu")
+    d = check.ensemble_agreement(lambda: MLP(64, [16], batch_norm=True), torch.rand(8, 64), cpu)
+    assert max(d.values()) < 1e-5, d
+    assert check.mimo_agreement(torch.rand(8, 1, 8, 8), cpu) < 1e-5
+    speed = check.ensemble_speed(lambda: MLP(64, [16]), torch.rand(8, 64), cpu, repeats=1)
+    assert speed["eval"] > 0 and speed["train"] > 0
+    assert check.mimo_speed(torch.rand(8, 1, 8, 8), cpu, repeats=1)["summed"] > 0
+    if not torch.cuda.is_available():
+        assert check.main(["--out", str(tmp_path / "gpu.md")]) == 2
+        assert not (tmp_path / "gpu.md").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_check_agreement_on_cuda(tmp_path: Path) -> None:
+    """On a GPU machine: vmap and sequential agree on the device (and MIMO summed vs tiled); the
+    report with the speed targets is written (speed is reported there, not asserted here)."""
+    check = _gpu_check()
+    out = tmp_path / "gpu.md"
+    assert check.main(["--quick", "--out", str(out)]) == 0
+    assert "FAILED" not in out.read_text()

@@ -362,7 +362,20 @@ def time_forward_paths(
     return result
 
 
-def faster_path(timings: dict[str, float | str], kind: Literal["train", "eval"]) -> ForwardPath:
-    """The path with the smaller median time for ``kind``; sequential on a tie."""
-    vmap_time = float(timings[f"{kind}_vmap"])
-    return "vmap" if vmap_time < float(timings[f"{kind}_sequential"]) else "sequential"
+def faster_path(
+    timings: dict[str, float | str],
+    kind: Literal["train", "eval"],
+    prefer: ForwardPath = "sequential",
+    margin: float = 0.0,
+) -> ForwardPath:
+    """The path with the smaller median time for ``kind``.
+
+    ``prefer`` wins ties, and the other path must be faster by more than ``margin`` (a fraction of
+    ``prefer``'s time) to be chosen: a few timing repeats on a busy machine differ by 10-30% between
+    identical calls, and the expected winner (sequential on a CPU, vmap on a GPU) should not lose to
+    noise. ``margin=0`` is the plain comparison.
+    """
+    other: ForwardPath = "vmap" if prefer == "sequential" else "sequential"
+    preferred_time = float(timings[f"{kind}_{prefer}"])
+    other_time = float(timings[f"{kind}_{other}"])
+    return other if other_time < preferred_time * (1.0 - margin) else prefer

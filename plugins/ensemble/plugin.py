@@ -39,7 +39,9 @@ class DeepEnsemble(Plugin):
         num_members: ensemble size M (the paper used 5; uncertainty-baselines 4).
         path: how members run: ``"vmap"`` (one vectorised call), ``"sequential"`` (a loop), or
             ``"auto"``: time both once at fit start on the first batch (training step and evaluation
-            forward separately) and keep the faster; the choice is stored in the checkpoint. Under
+            forward separately) and keep the faster (the device's expected winner, sequential on a
+            CPU and vmap on CUDA, unless the other is more than ``SWITCH_MARGIN`` = 10% faster);
+            the choice is stored in the checkpoint. Under
             multi-process training ``"auto"`` uses the rule "vmap on CUDA, sequential otherwise" so
             every rank runs the same path; evaluation without a fit uses the same rule.
         seed: base seed of the members' initialisation; ``None`` derives it from
@@ -52,6 +54,9 @@ class DeepEnsemble(Plugin):
     name = "ensemble"
     conflicts_with = ("mimo", "distill")
     supports_ddp: ClassVar[bool] = True
+    #: ``path="auto"`` leaves the device's expected winner (sequential on a CPU, vmap on CUDA) only
+    #: for a path that timed more than this fraction faster (short timings on a shared machine are noisy).
+    SWITCH_MARGIN: ClassVar[float] = 0.1
 
     def __init__(
         self,
@@ -136,8 +141,9 @@ class DeepEnsemble(Plugin):
                 inputs, targets = module.split_batch(sample_batch)
                 loss_fn = getattr(module, "loss_fn", None)
                 self.timings = time_forward_paths(stack, inputs, targets, loss_fn, self.timing_repeats)
-                self.train_path = faster_path(self.timings, "train")
-                self.eval_path = faster_path(self.timings, "eval")
+                prefer = self.rule_path(module.device)
+                self.train_path = faster_path(self.timings, "train", prefer, self.SWITCH_MARGIN)
+                self.eval_path = faster_path(self.timings, "eval", prefer, self.SWITCH_MARGIN)
         self._apply_paths(stack)
 
     # -- loss and prediction ----------------------------------------------------------------------

@@ -1,10 +1,21 @@
-"""Center loss (Wen et al. 2016): the penalty and the center update against hand computations."""
+"""Center loss (Wen et al. 2016): penalty and update against hand computations, and the plugin in runs."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
+from lightning.pytorch.callbacks import Callback
+from torch import nn
 
+from litplug.core.continual import ContinualLearning, fit_continual
+from litplug.core.data.continual import PermutedDigitsDataModule, SplitDigitsDataModule
+from litplug.core.models import MLP
+from litplug.core.module import LitplugModule
+from litplug.plugins.center_loss import CenterLoss
 from litplug.plugins.center_loss.functional import center_loss, update_centers
 
 
@@ -42,3 +53,128 @@ def test_update_matches_the_paper_formula_and_respects_frozen_classes() -> None:
         update_centers(centers, features, labels, alpha=1.5)
     with pytest.raises(ValueError, match="strength"):
         center_loss(features, labels, centers, strength=-1.0)
+
+
+# -- the plugin inside a real run ------------------------------------------------------------------
+
+
+class _Snapshots(Callback):
+    """Centers at every batch start, the head's input (the feature) and the labels of every step."""
+
+    def __init__(self, plugin: CenterLoss, model: nn.Module) -> None:
+        self.plugin = plugin
+        self.before: list[torch.Tensor | None] = []
+        self.after: list[torch.Tensor] = []
+        self.frozen: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.features: list[torch.Tensor] = []
+        self.epoch_start: dict[int, torch.Tensor] = {}
+        model.head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:
+            self.features.append(args[0].detach().clone())
+
+    def _centers(self) -> torch.Tensor | None:
+        return None if self.plugin.centers is None else self.plugin.centers.clone()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: object) -> None:
+        centers = self._centers()
+        if centers is not None:
+            self.epoch_start[int(trainer.current_epoch)] = centers
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any
+    ) -> None:
+        self.before.append(self._centers())
+        self.frozen.append(None if self.plugin.frozen is None else self.plugin.frozen.clone())
+        self.labels.append(batch[1].clone())
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.after.append(self._centers())
+
+
+def _split_run(plugin: CenterLoss) -> tuple[LitplugModule, _Snapshots, SplitDigitsDataModule, L.Trainer]:
+    L.seed_everything(0)
+    model = MLP(64, [16], 10)
+    module = LitplugModule(model, plugins=[plugin], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    snapshots = _Snapshots(plugin, model)
+    data = SplitDigitsDataModule(
+        classes_per_task=5, scenario="class", epochs_per_task=1, batch_size=64, seed=0
+    )
+    trainer = quiet_trainer(
+        callbacks=[ContinualLearning(results_file=None, heatmap=False), snapshots], limit_val_batches=0
+    )
+    fit_continual(module, data, trainer=trainer)
+    return module, snapshots, data, trainer
+
+
+def test_plugin_adds_its_term_updates_centers_as_wen_et_al_and_freezes_old_classes_at_task_end() -> None:
+    plugin = CenterLoss(center_lambda=0.2, alpha=0.5)
+    module, snap, data, trainer = _split_run(plugin)
+    assert "train/loss_center" in trainer.callback_metrics  # the named loss term was added and logged
+    assert len(snap.features) == len(snap.labels) == len(snap.after)
+    # Every step after the first: centers_after = Wen et al.'s update of centers_before with that
+    # step's features and labels (frozen classes kept).
+    for step in range(1, len(snap.labels)):
+        expected = update_centers(
+            snap.before[step].clone(), snap.features[step], snap.labels[step], 0.5, snap.frozen[step]
+        )
+        assert torch.allclose(snap.after[step], expected, atol=1e-6), step
+    # Task 0's classes were frozen at its end: unchanged through task 1; task 1's classes moved.
+    old, new = data.task_classes[0], data.task_classes[1]
+    at_task1_start = snap.epoch_start[1]
+    assert torch.equal(plugin.centers[old], at_task1_start[old])
+    assert not torch.allclose(plugin.centers[new], at_task1_start[new])
+    assert snap.frozen[1] is not None and not snap.frozen[1].any()  # nothing frozen during task 0
+    assert snap.frozen[-1][old].all() and not snap.frozen[-1][new].any()  # during task 1: task 0's classes
+    assert plugin.frozen.tolist() == [True] * 10  # both tasks ended: every class frozen
+
+
+def _features_to_centers(
+    module: LitplugModule, plugin: CenterLoss, data: PermutedDigitsDataModule
+) -> list[float]:
+    """Mean squared distance of each task's test features to their class's (frozen) center."""
+    features: list[torch.Tensor] = []
+    handle = module.model.head.register_forward_pre_hook(lambda m, args: features.append(args[0].detach()))
+    module.eval()
+    distances = []
+    with torch.no_grad():
+        for task in range(data.num_tasks):
+            features.clear()
+            labels = []
+            for x, y in data.task_loader(task, "test"):
+                module.model(x)
+                labels.append(y)
+            y = torch.cat(labels)
+            distances.append(float((torch.cat(features) - plugin.centers[y]).pow(2).sum(1).mean()))
+    handle.remove()
+    return distances
+
+
+def test_center_loss_pulls_new_task_features_to_old_centers_and_changes_forgetting() -> None:
+    """Two permuted tasks, seed 3: center_lambda 0 is naive fine-tuning (centers tracked, no pull).
+
+    Measured here (torch 2.13 CPU): forgetting naive 0.122, center loss 0.03; features of task 1 to
+    the frozen centers 3.33 vs 1.36. Over seeds 0-3 the forgetting direction was NOT consistent
+    (lambda 0.1: 2 of 4 seeds lower), the pull toward the old centers was on every seed, so the pull
+    is asserted as the mechanism and the forgetting only as measurably different on this seed.
+    """
+    results = {}
+    for lam in (0.0, 0.1):
+        L.seed_everything(3)
+        plugin = CenterLoss(center_lambda=lam, alpha=0.5)
+        module = LitplugModule(
+            MLP(64, [64], 10), plugins=[plugin], optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+        )
+        data = PermutedDigitsDataModule(num_tasks=2, epochs_per_task=2, batch_size=64, seed=3)
+        trainer = quiet_trainer(
+            callbacks=[ContinualLearning(results_file=None, heatmap=False)], limit_val_batches=0
+        )
+        forgetting = fit_continual(module, data, trainer=trainer).summary()["forgetting"]
+        assert plugin.frozen.all()  # domain-incremental: every class's center is frozen after task 0
+        results[lam] = (forgetting, _features_to_centers(module, plugin, data))
+    (naive_forgetting, naive_dist), (cl_forgetting, cl_dist) = results[0.0], results[0.1]
+    assert cl_dist[1] < 0.6 * naive_dist[1], results  # new task's features pulled to the old centers
+    assert cl_dist[0] < naive_dist[0], results  # old task's features drifted less from them
+    assert abs(cl_forgetting - naive_forgetting) > 0.03, results

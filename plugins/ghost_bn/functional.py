@@ -129,10 +129,15 @@ def _fused_equal(
     BatchNorm's update to every ghost's copy and the sum of the copies is the documented rule
     (``(1 - momentum) * running + momentum * mean_k(stat_k)``): four small ops, no extra pass.
     """
+    # torch.batch_norm, not F.batch_norm: the latter's Python-side checks (a product over the input's
+    # sizes to reject 1 value per channel, impossible here: g >= 2) cost time that matters on small
+    # activations (an A/B on [512, 256], g = 128, 2 loaded CPU cores: ~20 us less per forward +
+    # backward step, about 8% of a plain BatchNorm1d step).
     folded = _fold(x, num_ghosts)
     weight, bias = _tile(weight, num_ghosts), _tile(bias, num_ghosts)
+    cudnn = torch.backends.cudnn.enabled
     if running_mean is None or running_var is None:
-        return F.batch_norm(folded, None, None, weight, bias, True, momentum, eps).reshape(x.shape)
+        return torch.batch_norm(folded, weight, bias, None, None, True, momentum, eps, cudnn).reshape(x.shape)
     # Copy k of the buffers gets BatchNorm's update with momentum mu = momentum / m from the start
     # value t0 = (1 - momentum) / (m - momentum) * running (so that m * (1 - mu) * t0 is
     # (1 - momentum) * running); the SUM of the m copies is then the rule's update. Building the
@@ -142,7 +147,9 @@ def _fused_equal(
     tiled_mean = torch.mul(running_mean.expand(shape), start)
     tiled_var = torch.mul(running_var.expand(shape), start)
     mu = momentum / num_ghosts
-    out = F.batch_norm(folded, tiled_mean.view(-1), tiled_var.view(-1), weight, bias, True, mu, eps)
+    out = torch.batch_norm(
+        folded, weight, bias, tiled_mean.view(-1), tiled_var.view(-1), True, mu, eps, cudnn
+    )
     torch.sum(tiled_mean, 0, out=running_mean)
     torch.sum(tiled_var, 0, out=running_var)
     return out.reshape(x.shape)

@@ -47,8 +47,10 @@ HERE = Path(__file__).resolve().parent
 
 METHODS: dict[str, Callable[[], list[Any]]] = {
     "naive": lambda: [],
-    "ewc": lambda: [EWC(ewc_lambda=100.0, mode="separate", num_samples=500)],
-    "ewc_online": lambda: [EWC(ewc_lambda=100.0, mode="online", gamma=0.9, num_samples=500)],
+    # lambda 30: best of {1, 3, 10, 30} on Permuted-Digits with tuning seed 10 (not a reported seed);
+    # lambda >= 100 diverges with plain SGD lr 0.1 (lr * lambda * F_max > 2).
+    "ewc": lambda: [EWC(ewc_lambda=30.0, mode="separate", num_samples=500)],
+    "ewc_online": lambda: [EWC(ewc_lambda=30.0, mode="online", gamma=0.9, num_samples=500)],
     "center_loss": lambda: [CenterLoss(center_lambda=0.1, alpha=0.5)],
     "replay": lambda: [Replay(memory_size=200, replay_batch_size=32)],
     "center_loss+replay": lambda: [
@@ -91,7 +93,7 @@ def make_module(plugins: list[Any]) -> LitplugModule:
     return LitplugModule(
         MLP(64, [128, 128], 10),
         plugins=plugins,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
     )
 
 
@@ -344,14 +346,19 @@ def write_results(
         "The machine is shared with other jobs (load well above its 2 cores): absolute times are inflated",
         "and noisy; the speed ratios come from interleaved repeats in one run (medians).",
         "",
-        f"Setup: MLP 64-128-128-10, SGD lr 0.05 momentum 0.9, batch 32, {args.tasks} tasks, "
+        f"Setup: MLP 64-128-128-10, plain SGD lr 0.1, batch 32, {args.tasks} tasks, "
         f"{args.epochs} epochs per task, seeds {args.seeds}. Permuted-Digits is domain-incremental "
         "(task 0 unpermuted); Split-Digits is class-incremental (2 classes per task, one 10-way head, "
-        "seeded class order). Accuracy on each task's test split; mean ± std over seeds. "
-        "Joint = one model trained on all tasks at once for the same number of steps (upper bound).",
-        "Hyperparameters (not tuned per sequence): EWC lambda 100, empirical Fisher on 500 samples; "
-        "online gamma 0.9; center loss lambda 0.1, alpha 0.5, old centers frozen; replay memory 200 "
-        "(reservoir over the stream), 32 replayed per batch.",
+        "seeded class order). Accuracy on each task's test split after the last task; forgetting = mean "
+        "over old tasks of (best earlier accuracy - final accuracy); BWT = mean (final - just-trained). "
+        "Mean ± std over seeds. Joint = one model trained on the union of all tasks for the same number of "
+        "optimizer steps (upper bound).",
+        "Hyperparameters: EWC lambda 30 (best of {1, 3, 10, 30} on Permuted-Digits, tuning seed 10, "
+        "10 epochs; lambda >= 100 diverges with SGD lr 0.1), empirical Fisher on 500 samples; online "
+        "gamma 0.9; center loss lambda 0.1, alpha 0.5, feature = input of the last Linear, centers of "
+        "a class frozen at the end of the task that trained it; replay memory 200 (reservoir over the "
+        "stream), 32 replayed per batch. SGD momentum 0.9 (lr 0.05) was dropped: on Split-Digits it "
+        "collapsed later tasks to one class (accuracy 0.5 on the task just trained).",
         "",
     ]
     for sequence, methods in table.items():
@@ -412,7 +419,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sequences", nargs="+", default=["permuted", "split"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)

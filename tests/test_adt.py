@@ -320,3 +320,11 @@ def test_feature_gradients_equal_attack_input_gradient() -> None:
     assert torch.allclose(g1, standardise(reference), atol=1e-5)
     assert torch.allclose(g2, standardise(reference_fgsm), atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_reverse_with_scale_scales_forward_and_negates_scaled_gradient() -> None:
+    x = torch.randn(5, requires_grad=True)
+    y = grad_reverse(x, 0.1)
+    assert torch.equal(y, x * 0.1)
+    (y * 3).sum().backward()
+    assert torch.allclose(x.grad, torch.full((5,), -0.3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,33 @@ def test_a_run_killed_in_task_one_resumes_to_identical_weights_and_ewc_state(tmp
         for name in a:
             assert torch.equal(a[name], b[name]), name
     assert ref_driver.matrix == res_driver.matrix and len(ref_driver.matrix) == 2
+
+
+class _TrainerWithOptimizer:
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizers = [optimizer]
+
+
+def test_task_end_warns_when_sgd_would_diverge_on_the_penalty() -> None:
+    """lr * lambda * max F > 2 (1 + momentum): plain gradient descent on the quadratic diverges."""
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    module = _FakeModule(model)
+    batches = _batches((64,))
+    stable = EWC(ewc_lambda=1.0, num_samples=None)
+    stable.litplug_on_task_end(module, 0, batches)
+    curvature = stable.curvature()
+    fisher_max = max(float(f.max()) for f in stable.fishers[0].values())
+    assert curvature == pytest.approx(fisher_max)
+    lr = 1.0 / curvature  # lr * curvature = 1 < 2: fine
+    module._trainer = _TrainerWithOptimizer(torch.optim.SGD(model.parameters(), lr=lr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EWC(ewc_lambda=1.0, num_samples=None).litplug_on_task_end(module, 0, batches)
+    module._trainer = _TrainerWithOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EWC(ewc_lambda=3.0, num_samples=None).litplug_on_task_end(module, 0, batches)  # 3 < 2 (1 + 0.9)
+    module._trainer = _TrainerWithOptimizer(torch.optim.SGD(model.parameters(), lr=lr))
+    with pytest.warns(RuntimeWarning, match="'ewc'.*stability limit"):
+        EWC(ewc_lambda=3.0, num_samples=None).litplug_on_task_end(module, 0, batches)  # 3 > 2

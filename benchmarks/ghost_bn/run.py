@@ -335,7 +335,7 @@ def main() -> None:
         "## Speed: one normalisation layer, forward + backward",
         "",
         f"Median over >= {repeats} calls per variant, alternating call by call; plain BN = `nn.BatchNorm`, vectorised GBN = "
-        "`GhostBatchNorm` (one fused `F.batch_norm` on ghosts folded into channels), chunk loop = "
+        "`GhostBatchNorm` (one fused `torch.batch_norm` on ghosts folded into channels), chunk loop = "
         "`F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
         "loop / GBN >= 3x at >= 32 ghost batches. Paired = each round's GBN call divided by the BN call "
         "just before it; its quartiles show the spread the machine's load caused.",

@@ -4,7 +4,7 @@ During training a batch of ``B`` examples is split into *ghost batches* of ``g``
 normalised with its own mean and variance, which restores the noise of small-batch BatchNorm inside a
 large batch. Evaluation uses running statistics exactly like ``BatchNorm``.
 
-Speed: the ghost dimension is folded into the channel dimension so ONE fused ``F.batch_norm`` call
+Speed: the ghost dimension is folded into the channel dimension so ONE fused batch-norm call
 normalises every ghost batch (no Python loop over chunks). Ghost batch ``k`` of ``m`` equal ghost
 batches holds the examples ``k, k + m, k + 2m, ...`` (a strided partition): with that assignment
 ``[m * g, C, *S] -> [g, m * C, *S]`` is a free ``view``, whereas contiguous chunks need a transpose
@@ -30,9 +30,9 @@ to the pooled ghost statistics::
 ``mean_k`` weighted by each ghost batch's size (so it equals the whole batch's mean) and ``var_k``
 the unbiased per-ghost variance, pooled with weights ``n_k - 1`` (``n_k`` values per channel), i.e.
 the unbiased within-ghost variance; equal ghost batches make both plain averages. For equal ghost
-batches the fused call itself does the update: it gets the running buffers tiled ``m`` times,
-applies BatchNorm's update to each ghost's copy, and the mean of the copies is the rule above (no
-separate statistics buffers, no extra pass). Why not
+batches the fused call itself does the update: it gets ``m`` scaled copies of the running buffers,
+applies BatchNorm's update to each ghost's copy, and the sum of the copies is the rule above (no
+separate statistics buffers, no extra pass; see :func:`_fused_equal`). Why not
 Composer's ``momentum / num_ghost_batches`` applied once per ghost batch: that makes the running
 statistics' time constant depend on ``g`` only approximately and needs one sequential update per
 ghost batch; the rule above keeps BatchNorm's time constant in steps for every ``g``, is one
@@ -123,7 +123,7 @@ def _fused_equal(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """Equal ghost batches, general shape: one fused ``F.batch_norm`` on the folded input.
+    """Equal ghost batches, any shape: one fused ``torch.batch_norm`` on the folded input.
 
     The running statistics go to the kernel as ``num_ghosts`` scaled copies, so it applies
     BatchNorm's update to every ghost's copy and the sum of the copies is the documented rule

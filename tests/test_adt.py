@@ -328,3 +328,26 @@ def test_grad_reverse_with_scale_scales_forward_and_negates_scaled_gradient() ->
     assert torch.equal(y, x * 0.1)
     (y * 3).sum().backward()
     assert torch.allclose(x.grad, torch.full((5,), -0.3))
+
+
+@pytest.mark.parametrize("shape", [(64,), (1, 8, 8)])
+def test_functional_layer_calls_equal_module_calls(shape: tuple[int, ...]) -> None:
+    """The generator and encoder call their layers functionally (cheaper per step); the values are
+    exactly those of calling the modules."""
+    torch.manual_seed(0)
+    generator = GeneratorNet(shape, 1, 8, width=16)
+    encoder = EncoderNet(shape, 8, width=16)
+    x, g1, g2 = torch.rand(8, *shape), torch.randn(8, *shape), torch.randn(8, *shape)
+    noise = torch.rand(8, 8) * 2 - 1
+    (out,) = generator(x, g1, g2, noise)
+    if len(shape) == 3:
+        h = torch.cat([x, g1, g2, generator.noise_map(noise).view(8, *shape)], dim=1)
+    else:
+        h = torch.cat([x.flatten(1), g1.flatten(1), g2.flatten(1), noise], dim=1)
+    h = generator.stem(h)
+    for block in generator.blocks:
+        h = F.relu(h + block.body(h))
+    assert torch.equal(out, generator.head(h).view_as(out))
+    mean, log_std = encoder(out.tanh(), x)
+    ref_mean, ref_log_std = encoder.net(torch.cat([out.tanh().flatten(1), x.flatten(1)], 1)).chunk(2, 1)
+    assert torch.equal(mean, ref_mean) and torch.equal(log_std, ref_log_std.clamp(-6.0, 2.0))

@@ -25,6 +25,7 @@ Sign convention (tested): :func:`tanh_gaussian_entropy` estimates the entropy ``
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -163,6 +164,29 @@ def _batch_norm(kind: type[nn.BatchNorm1d] | type[nn.BatchNorm2d], features: int
     return kind(features, track_running_stats=False)
 
 
+def _apply_layers(layers: Iterable[nn.Module], h: Tensor) -> Tensor:
+    """``layers(h)`` with the generator's own layer types called functionally.
+
+    The generator and encoder run once per training step on small tensors, where nn.Module call
+    dispatch (~20 calls per step) is a measurable share of the time; the functional calls compute
+    exactly the same values (tested bit-identical). Module forward hooks on these layers do not fire.
+    """
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            h = F.linear(h, layer.weight, layer.bias)
+        elif isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
+            h = F.conv2d(
+                h, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
+            )
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and not layer.track_running_stats:
+            h = F.batch_norm(h, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        elif isinstance(layer, nn.ReLU):
+            h = F.relu(h)
+        else:
+            h = layer(h)
+    return h
+
+
 class _ResidualMLPBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -175,7 +199,7 @@ class _ResidualMLPBlock(nn.Module):
         )
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.relu(h + self.body(h))
+        return F.relu(h + _apply_layers(self.body, h))
 
 
 class _ResidualConvBlock(nn.Module):
@@ -190,7 +214,7 @@ class _ResidualConvBlock(nn.Module):
         )
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.relu(h + self.body(h))
+        return F.relu(h + _apply_layers(self.body, h))
 
 
 class GeneratorNet(nn.Module):
@@ -238,18 +262,25 @@ class GeneratorNet(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
 
+    def _trunk(self, h: Tensor) -> Tensor:
+        """``head(blocks(stem(h)))`` (called functionally, see :func:`_apply_layers`)."""
+        h = _apply_layers(self.stem, h)
+        for block in self.blocks:
+            h = F.relu(h + _apply_layers(block.body, h))
+        return _apply_layers((self.head,), h)
+
     def forward(self, x: Tensor, g1: Tensor, g2: Tensor, noise: Tensor | None = None) -> tuple[Tensor, ...]:
         batch = x.shape[0]
         if self.is_image:
             parts = [x, g1, g2]
             if self.noise_map is not None and noise is not None:
                 parts.append(self.noise_map(noise).view(batch, *self.input_shape))
-            out = self.head(self.blocks(self.stem(torch.cat(parts, dim=1))))
+            out = self._trunk(torch.cat(parts, dim=1))
             return out.chunk(self.out_per_input, dim=1)
         parts = [x.flatten(1), g1.flatten(1), g2.flatten(1)]
         if self.noise_dim and noise is not None:
             parts.append(noise)
-        out = self.head(self.blocks(self.stem(torch.cat(parts, dim=1))))
+        out = self._trunk(torch.cat(parts, dim=1))
         if self.out_per_input == 1:
             return (out.view(batch, *self.input_shape),)
         return tuple(
@@ -272,7 +303,8 @@ class EncoderNet(nn.Module):
         )
 
     def forward(self, unit_delta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_std = self.net(torch.cat([unit_delta.flatten(1), x.flatten(1)], dim=1)).chunk(2, dim=1)
+        h = torch.cat([unit_delta.flatten(1), x.flatten(1)], dim=1)
+        mean, log_std = _apply_layers(self.net, h).chunk(2, dim=1)
         return mean, log_std.clamp(-6.0, 2.0)
 
 

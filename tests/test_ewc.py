@@ -65,15 +65,34 @@ def test_fisher_equals_the_per_sample_loop(model_name: str, estimator: str, meth
     assert sum(f.sum() for f in got.values()) > 0
 
 
-def test_fast_method_covers_linear_only_models_and_refuses_others() -> None:
-    model = MLP(64, [16], 10)
-    batches = _batches((64,))
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: MLP(64, [16], 10),
+        lambda: MLP(64, [16, 12], 10, batch_norm=True),  # BatchNorm1d, eval mode: closed form too
+        lambda: SmallCNN(width=4),  # Conv2d + BatchNorm2d
+    ],
+)
+def test_fast_method_covers_linear_conv_and_batchnorm_models(build: Any) -> None:
+    torch.manual_seed(0)
+    model = build()
+    shape = (1, 8, 8) if isinstance(model, SmallCNN) else (64,)
+    batches = _batches(shape)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for x, _ in batches:
+            model(x)
     fast = fisher_diagonal(model, batches, "empirical", method="fast")
     reference = fisher_diagonal_loop(model, batches, "empirical")
+    assert set(fast) == set(reference)
     for name in reference:
-        assert torch.allclose(fast[name], reference[name], atol=1e-7, rtol=1e-5)
+        assert torch.allclose(fast[name], reference[name], atol=1e-7, rtol=1e-5), name
+
+
+def test_fast_method_refuses_layers_it_does_not_cover() -> None:
+    model = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))
     with pytest.raises(ValueError, match="not covered"):
-        fisher_diagonal(MLP(64, [16], 10, batch_norm=True), batches, method="fast")
+        fisher_diagonal(model, _batches((64,)), method="fast")
 
 
 class _Shared(nn.Module):

@@ -16,11 +16,12 @@ How per-sample gradients are computed (``method``):
 - ``"fast"`` (the default where it applies): for ``nn.Linear`` on ``[N, in]`` inputs the sum over
   samples of squared per-sample weight gradients is ``(delta^2)^T (a^2)`` (``delta`` the gradient
   w.r.t. the layer's output, ``a`` its input), from ONE batched backward with reduction "sum"
-  (Goodfellow 2015). ``nn.Conv2d`` gets per-sample gradients from unfolded inputs (one einsum).
+  (Goodfellow 2015). ``nn.Conv2d`` gets per-sample gradients from unfolded inputs (one einsum);
+  eval-mode affine BatchNorm (running statistics) from ``delta * x_hat`` summed over positions.
   Exact, not an approximation; covers the layers of most classifiers.
 - ``"vmap"``: ``torch.func.vmap(grad)`` over chunks of samples; any differentiable model.
-- ``"auto"``: ``"fast"`` for the parameters of Linear/Conv2d layers that run once per forward, and
-  ``"vmap"`` for the rest (BatchNorm affine parameters, recurrent layers, embeddings).
+- ``"auto"``: ``"fast"`` for the parameters of Linear/Conv2d/BatchNorm layers that run once per
+  forward, and ``"vmap"`` for the rest (LayerNorm, recurrent layers, embeddings, ...).
 - :func:`fisher_diagonal_loop` is the per-sample Python loop: the reference of tests and benchmarks.
 
 The model runs in eval mode (dropout off, BatchNorm on running statistics), so samples are
@@ -201,13 +202,29 @@ def _batch_mean_gradient_squared(
 # ---------------------------------------------------------------------------------------------------
 
 
+def _is_fast_batchnorm(module: nn.Module) -> bool:
+    """Eval-mode BatchNorm with running statistics and affine parameters: ``y = x_hat * w + b``
+    with ``x_hat`` fixed per sample, so its per-sample gradients have a closed form too."""
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.affine
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
 def _fast_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and (ungrouped, undilated-or-not) Conv2d layers with trainable parameters, by name."""
+    """Linear, ungrouped Conv2d and eval-mode affine BatchNorm layers with trainable parameters, by name."""
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                layers[name] = module
+        covered = (
+            isinstance(module, nn.Linear)
+            or (isinstance(module, nn.Conv2d) and module.groups == 1)
+            or _is_fast_batchnorm(module)
+        )
+        if covered and any(p.requires_grad for p in module.parameters(recurse=False)):
+            layers[name] = module
     return layers
 
 
@@ -267,10 +284,30 @@ def _conv2d_squared_grads(layer: nn.Conv2d, a: Tensor, delta: Tensor) -> dict[st
     return out
 
 
+def _batchnorm_squared_grads(
+    layer: nn.modules.batchnorm._BatchNorm, a: Tensor, delta: Tensor
+) -> dict[str, Tensor]:
+    """Sum over samples of squared per-sample gradients of an eval-mode BatchNorm's weight and bias.
+
+    ``x_hat = (a - running_mean) / sqrt(running_var + eps)`` per channel (dim 1); a sample's weight
+    gradient is ``sum over positions of delta * x_hat``, its bias gradient ``sum of delta``.
+    """
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    mean = layer.running_mean.float().reshape(shape)  # type: ignore[union-attr]
+    var = layer.running_var.float().reshape(shape)  # type: ignore[union-attr]
+    x_hat = (a - mean) / torch.sqrt(var + layer.eps)
+    positions = tuple(range(2, a.dim()))
+    weight = (delta * x_hat).sum(positions) if positions else delta * x_hat  # [N, C]
+    bias = delta.sum(positions) if positions else delta
+    return {"weight": weight.pow(2).sum(0), "bias": bias.pow(2).sum(0)}
+
+
 def _layer_squared_grads(layer: nn.Module, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
     a, delta = a.float(), delta.float()
     if isinstance(layer, nn.Linear):
         return _linear_squared_grads(layer, a, delta)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return _batchnorm_squared_grads(layer, a, delta)
     return _conv2d_squared_grads(layer, a, delta)  # type: ignore[arg-type]
 
 
@@ -366,7 +403,7 @@ def fisher_diagonal(
         num_samples: samples to use (the first ones of ``batches``); ``None`` uses all.
         generator: random source of ``"sampled"`` labels (a seeded private one keeps the training
             stream untouched and makes the estimate reproducible).
-        method: ``"auto"``, ``"fast"`` (Linear/Conv2d only) or ``"vmap"`` (module docstring).
+        method: ``"auto"``, ``"fast"`` (Linear/Conv2d/BatchNorm only) or ``"vmap"`` (module docstring).
         chunk_size: samples per vmap call (bounds memory).
     """
     if estimator not in ESTIMATORS:
@@ -387,7 +424,9 @@ def fisher_diagonal(
     }
     rest = [name for name in params if name not in fast_names]
     if method == "fast" and rest:
-        raise ValueError(f"method 'fast' covers Linear/Conv2d parameters only; not covered: {rest}")
+        raise ValueError(
+            f"method 'fast' covers Linear, Conv2d and eval-mode BatchNorm parameters only; not covered: {rest}"
+        )
     with _EvalMode(model):
         for inputs, targets in _take_samples(batches, num_samples, _device(model)):
             if estimator == "batched":

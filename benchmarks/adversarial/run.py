@@ -209,6 +209,9 @@ def main() -> None:
     )
     parser.add_argument("--timing-repeats", type=int, default=21, help="interleaved timing rounds")
     parser.add_argument(
+        "--timing-only", action="store_true", help="only the step timing, written to TIMING_<arch>.md"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=DEFAULT_THREADS,
@@ -216,7 +219,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.out is None:
-        args.out = HERE / f"RESULTS_{args.arch}.md"
+        args.out = HERE / (f"TIMING_{args.arch}.md" if args.timing_only else f"RESULTS_{args.arch}.md")
     args.load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     methods = METHODS + (EXTRA_METHODS if args.extra else ())
@@ -224,6 +227,9 @@ def main() -> None:
     epsilons = list(args.epsilons)
     restarts = 1 if args.quick else 3
     started = time.time()
+    if args.timing_only:
+        write_timing_report(args, time_steps(args.arch, args.train_epsilon, args.timing_repeats, 5), started)
+        return
 
     tables: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     sanity: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
@@ -325,8 +331,14 @@ def write_report(
     lines += ["", "Automatic verdicts (per method, mean over seeds):", ""]
     for method in tables:
         lines.append(f"- {method}: " + "; ".join(sanity_verdicts(tables[method], sanity[method], epsilons)))
+    lines += timing_lines(timings)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def timing_lines(timings: dict[str, float]) -> list[str]:
     pgd7 = timings["pgd_at"]
-    lines += [
+    lines = [
         "",
         "## Time per training step (batch 64, medians of interleaved repeats, outside Lightning)",
         "",
@@ -344,8 +356,28 @@ def write_report(
         "",
         "Passes: PGD-AT-7 = 7 attack + 1 training; ADT_EXP = 7 steps × 5 samples (one batched forward of "
         "5B per step) + 1 training; AM variants = 2 gradient passes (at x and at the FGSM point) + 1 training "
-        "pass through classifier and generator. Targets: ADT_EXP per pass ≤ 1.1× PGD-AT; AM per step ≤ 1.0×.",
+        "pass through classifier and generator. Targets: ADT_EXP per pass ≤ 1.1× PGD-AT; AM per step ≤ 1.0×. "
+        "ADT_EXP's 5B batch runs as 5 forwards of B for images on CPU (`sample_batching='auto'`).",
         "",
+    ]
+    return lines
+
+
+def write_timing_report(args: Any, timings: dict[str, float], started: float) -> None:
+    command = f".venv/bin/python benchmarks/adversarial/run.py --timing-only --arch {args.arch} --threads {args.threads}"
+    if args.timing_repeats != 21:
+        command += f" --timing-repeats {args.timing_repeats}"
+    lines = [
+        f"# Adversarial training: time per step on digits ({args.arch.upper()}), timing only",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+        f"{args.threads} thread(s); {args.timing_repeats} interleaved rounds × 5 steps; total "
+        f"{(time.time() - started) / 60:.1f} min; load average (1/5/15 min) "
+        f"{'/'.join(f'{v:.1f}' for v in args.load_start)} at start, "
+        f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} at end on {os.cpu_count()} cores",
+        f"- Generator width {GENERATOR_WIDTH[args.arch]}; training epsilon {args.train_epsilon}.",
+        *timing_lines(timings),
     ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -448,3 +448,53 @@ def test_task_end_warns_when_sgd_would_diverge_on_the_penalty() -> None:
     module._trainer = _TrainerWithOptimizer(torch.optim.SGD(model.parameters(), lr=lr))
     with pytest.warns(RuntimeWarning, match="'ewc'.*stability limit"):
         EWC(ewc_lambda=3.0, num_samples=None).litplug_on_task_end(module, 0, batches)  # 3 > 2
+
+
+# -- diagnostics ----------------------------------------------------------------------------------
+
+
+def test_task_end_statistics_are_the_fisher_magnitudes_of_the_task_and_of_the_penalty() -> None:
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    module = _FakeModule(model)  # no trainer: statistics are kept, nothing is logged
+    batches = _batches((64,))
+    for mode in ("separate", "online"):
+        plugin = EWC(ewc_lambda=3.0, mode=mode, gamma=0.5, num_samples=None)
+        plugin.litplug_on_task_end(module, 0, batches)
+        first = torch.cat([f.reshape(-1) for f in plugin.fishers[0].values()]).clone()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.2)
+        plugin.litplug_on_task_end(module, 1, batches)
+        task = torch.cat([f.reshape(-1) for f in fisher_diagonal(model, batches, "empirical").values()])
+        penalty = task + first if mode == "separate" else task + 0.5 * first
+        stats = plugin.last_fisher_statistics
+        assert stats["ewc/task"] == 1.0
+        for label, values in (("fisher", task), ("fisher_penalty", penalty)):
+            assert stats[f"ewc/{label}_mean"] == pytest.approx(float(values.mean()), rel=1e-5), (mode, label)
+            assert stats[f"ewc/{label}_max"] == pytest.approx(float(values.max()), rel=1e-5), (mode, label)
+            assert stats[f"ewc/{label}_sum"] == pytest.approx(float(values.sum()), rel=1e-5), (mode, label)
+        assert stats["ewc/curvature"] == pytest.approx(3.0 * float(penalty.max()), rel=1e-5)
+
+
+def test_a_plain_csv_run_logs_the_fisher_magnitude_at_every_task_end(tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    plugin = EWC(ewc_lambda=10.0, num_samples=64)
+    trainer = quiet_trainer(
+        callbacks=[ContinualLearning(results_file=None, heatmap=False)],
+        limit_val_batches=0,
+        limit_train_batches=2,
+        logger=CSVLogger(tmp_path, name="csv"),
+    )
+    fit_continual(_module([plugin]), _permuted(epochs=1), trainer=trainer)
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    logged = [row for row in rows if row.get("ewc/fisher_mean")]
+    assert [float(row["ewc/task"]) for row in logged] == [0.0, 1.0]
+    assert [int(row["step"]) for row in logged] == [2, 4]  # the global step at each task end
+    for key, value in plugin.last_fisher_statistics.items():
+        assert float(logged[-1][key]) == pytest.approx(value, rel=1e-6), key
+    assert float(logged[0]["ewc/fisher_sum"]) > 0

@@ -325,10 +325,6 @@ def test_continual_driver_logs_accuracy_matrix_forgetting_and_ewc_penalty(wandb_
     assert len(run.images("continual/accuracy_matrix")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EWC does not log a Fisher magnitude (issue 7 asks for it); remove this marker when it does",
-)
 def test_ewc_logs_a_fisher_magnitude(wandb_offline: Path) -> None:
     from litplug.core.continual import ContinualLearning
     from litplug.core.data.continual import SplitDigitsDataModule
@@ -346,3 +342,14 @@ def test_ewc_logs_a_fisher_magnitude(wandb_offline: Path) -> None:
         limit_val_batches=0,
     )
     assert any("fisher" in key.lower() for key in run.logged_keys()), sorted(run.logged_keys())
+    keys = run.logged_keys()
+    expected = {f"ewc/fisher{part}_{stat}" for part in ("", "_penalty") for stat in ("mean", "max", "sum")}
+    assert expected <= keys, sorted(keys)
+    assert run.values("ewc/task") == [0.0, 1.0]  # one row per task end
+    task_sums, penalty_sums = run.values("ewc/fisher_sum"), run.values("ewc/fisher_penalty_sum")
+    assert all(v > 0 for v in task_sums)
+    # separate mode: the penalty's Fisher is the sum of every ended task's Fisher
+    assert penalty_sums == pytest.approx([task_sums[0], task_sums[0] + task_sums[1]], rel=1e-5)
+    assert all(
+        0 < m <= x for m, x in zip(run.values("ewc/fisher_mean"), run.values("ewc/fisher_max"), strict=True)
+    )

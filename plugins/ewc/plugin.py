@@ -22,6 +22,7 @@ from .functional import (
 )
 
 MODES = ("separate", "online")
+METRIC_PREFIX = "ewc"
 
 
 def _detached(params: dict[str, Tensor]) -> FisherDict:
@@ -38,6 +39,15 @@ def _average_across_ranks(fisher: FisherDict) -> FisherDict:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(world)
     return fisher
+
+
+def _magnitudes(fisher: FisherDict) -> dict[str, float]:
+    """Mean, max and sum over every entry of a diagonal Fisher (all parameters together)."""
+    values = [f.detach().reshape(-1).double() for f in fisher.values() if f.numel()]
+    if not values:
+        return {"mean": 0.0, "max": 0.0, "sum": 0.0}
+    flat = torch.cat([v.cpu() for v in values])
+    return {"mean": float(flat.mean()), "max": float(flat.max()), "sum": float(flat.sum())}
 
 
 class EWC(Plugin):
@@ -64,6 +74,13 @@ class EWC(Plugin):
 
     Parameters that did not exist (or had another shape) when a task ended, such as a head added
     later, are not penalised for that task.
+
+    Diagnostics: at every task end the magnitude of the diagonal Fisher is logged to every logger of
+    the trainer (rank zero; W&B, CSV, TensorBoard alike) at the current global step and kept in
+    :attr:`last_fisher_statistics`: ``ewc/fisher_{mean,max,sum}`` for the task that just ended,
+    ``ewc/fisher_penalty_{mean,max,sum}`` for the Fisher the penalty now uses (the sum over tasks in
+    separate mode, the running ``gamma``-decayed one in online mode), ``ewc/curvature``
+    (``ewc_lambda * max F``, see the stability warning) and ``ewc/task``.
     """
 
     name: ClassVar[str] = "ewc"
@@ -102,6 +119,7 @@ class EWC(Plugin):
         self.anchors: list[FisherDict] = []
         self.fishers: list[FisherDict] = []
         self._merged: PreparedPenalty | None = None
+        self.last_fisher_statistics: dict[str, float] = {}
 
     @classmethod
     def example(cls) -> EWC:
@@ -136,7 +154,32 @@ class EWC(Plugin):
             self.anchors.append(anchor)
             self.tasks.append(task_id)
         self._merged = None
+        self.last_fisher_statistics = self.fisher_statistics(fisher, task_id)
+        self._log_statistics(module, self.last_fisher_statistics)
         self._warn_if_unstable(module)
+
+    def fisher_statistics(self, task_fisher: FisherDict, task_id: int) -> dict[str, float]:
+        """Magnitudes of the task's Fisher and of the penalty's (merged or running) Fisher."""
+        statistics = {f"{METRIC_PREFIX}/task": float(task_id)}
+        for label, fisher in (("fisher", task_fisher), ("fisher_penalty", self._prepared().fisher)):
+            for name, value in _magnitudes(fisher).items():
+                statistics[f"{METRIC_PREFIX}/{label}_{name}"] = value
+        statistics[f"{METRIC_PREFIX}/curvature"] = self.curvature()
+        return statistics
+
+    @staticmethod
+    def _log_statistics(module: Any, statistics: dict[str, float]) -> None:
+        """Send ``statistics`` to the trainer's loggers, as the continual driver logs its matrix.
+
+        Task ends run in callback hooks (epoch start/end, train end) where ``LightningModule.log``
+        is not always allowed, so this goes to the loggers directly. The Fisher is already averaged
+        across ranks, so rank zero's values are everyone's.
+        """
+        trainer = getattr(module, "_trainer", None)
+        if trainer is None or getattr(trainer, "global_rank", 0) != 0:
+            return
+        for logger in getattr(trainer, "loggers", None) or []:
+            logger.log_metrics(statistics, step=int(trainer.global_step))
 
     def curvature(self) -> float:
         """The penalty's largest curvature, ``ewc_lambda * max_i F_i`` (``F`` merged over tasks)."""

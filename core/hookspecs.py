@@ -117,7 +117,9 @@ def litplug_extra_losses(
     """Named loss terms added to the main loss (EWC penalty, center loss, distillation).
 
     Fires in every training step (``stage == "train"``) after the main loss. Each returned term is
-    added to the total and logged as ``train/loss_<name>``. Results: collected; two plugins returning
+    added to the total and logged as ``train/loss_<name>`` (with ``train/loss_main``) on the steps
+    Lightning writes logs (every ``log_every_n_steps``; ``train/loss`` is logged every step): a
+    ``self.log`` call costs ~0.1 ms, a large share of a small model's step. Results: collected; two plugins returning
     the same name is an error naming both. Ranks: all.
     """
 

@@ -103,7 +103,9 @@ def _split_run(plugin: CenterLoss) -> tuple[LitplugModule, _Snapshots, SplitDigi
         classes_per_task=5, scenario="class", epochs_per_task=1, batch_size=64, seed=0
     )
     trainer = quiet_trainer(
-        callbacks=[ContinualLearning(results_file=None, heatmap=False), snapshots], limit_val_batches=0
+        callbacks=[ContinualLearning(results_file=None, heatmap=False), snapshots],
+        limit_val_batches=0,
+        log_every_n_steps=1,  # loss terms are logged on logging steps only
     )
     fit_continual(module, data, trainer=trainer)
     return module, snapshots, data, trainer

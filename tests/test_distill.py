@@ -109,7 +109,8 @@ def test_fit_logs_both_terms_and_a_changed_teacher_is_refused_on_resume(tmp_path
     plugin = Distill(str(path), teacher_plugins=[DeepEnsemble(num_members=3)])
     torch.manual_seed(0)
     module = LitplugModule(MLP(64, [16]), plugins=[plugin])
-    trainer = quiet_trainer(max_steps=3, limit_val_batches=2)
+    # log_every_n_steps=1: the named terms are logged on logging steps only
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=2, log_every_n_steps=1)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
     logged = dict(trainer.callback_metrics)
     assert {"train/loss_main", "train/loss_distill"} <= set(logged)

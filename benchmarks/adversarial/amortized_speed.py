@@ -8,6 +8,8 @@ optimizers, outside Lightning) for PGD-AT-7 and the amortised variants of the wo
 ``adt`` plugin at git revision ``--before`` (loaded from ``git show`` into a temporary package), then
 times them interleaved (every round runs every variant ``--inner`` times) with one torch thread. The
 ratio to PGD-AT-7 is taken per round and the median reported, so load drifting between rounds cancels.
+Both wall-clock and this thread's CPU time (``time.thread_time``; with one torch thread the ops run on
+it) are reported: CPU time does not count the time the process waits for a core on a shared machine.
 Writes ``SPEED.md`` next to this file.
 """
 
@@ -80,26 +82,30 @@ def measure(arch: str, before: type, revision: str, rounds: int, inner: int) -> 
             fn()
     load = os.getloadavg()
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(inner):
                 fn()
+            cpu[name].append((time.thread_time() - start_cpu) / inner)
             samples[name].append((time.perf_counter() - start) / inner)
-    reference = samples["pgd_at (7 steps)"]
+    reference, reference_cpu = samples["pgd_at (7 steps)"], cpu["pgd_at (7 steps)"]
     lines = [
         f"### {arch.upper()} (generator width {run.GENERATOR_WIDTH[arch]}); load average "
         f"{'/'.join(f'{v:.1f}' for v in load)} -> {'/'.join(f'{v:.1f}' for v in os.getloadavg())}",
         "",
-        "| step | median ms | median of per-round ratio × PGD-AT-7 | rounds with ratio ≤ 1.0 |",
-        "|---|---|---|---|",
+        "| step | median ms (wall) | median per-round ratio × PGD-AT-7 (wall) | rounds ≤ 1.0 (wall) | "
+        "median ms (thread CPU) | median per-round ratio (thread CPU) | rounds ≤ 1.0 (CPU) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, values in samples.items():
         ratios = [v / r for v, r in zip(values, reference, strict=True)]
-        under = sum(r <= 1.0 for r in ratios)
+        cpu_ratios = [v / r for v, r in zip(cpu[name], reference_cpu, strict=True)]
         lines.append(
             f"| {name} | {statistics.median(values) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
-            f"{under}/{len(ratios)} |"
+            f"{sum(r <= 1.0 for r in ratios)}/{len(ratios)} | {statistics.median(cpu[name]) * 1e3:.2f} | "
+            f"{statistics.median(cpu_ratios):.3f} | {sum(r <= 1.0 for r in cpu_ratios)}/{len(cpu_ratios)} |"
         )
     return lines + [""]
 

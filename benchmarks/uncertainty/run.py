@@ -680,6 +680,11 @@ def write_results(
         + (f"EMA: decay {args.ema_decay}. " if not missing else "")
         + "MIMO evaluation: the plugin's default eval_input='auto' (summed input-layer weights).",
     )
+    lines += [
+        "MIMO's capacity question (wider SmallCNNs, longer schedule): `RESULTS_mimo_width.md` and "
+        "`RESULTS_mimo_width_30ep.md` (`--mimo-sweep`). The GPU half of the speed targets: `gpu_check.py`.",
+        "",
+    ]
     if missing:
         lines += ["**Missing:** " + "; ".join(missing), ""]
     lines += ["## Clean digits test split", ""]

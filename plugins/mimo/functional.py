@@ -192,7 +192,9 @@ class _SummedEvalInput:
     ``in`` (one input meant for every member, evaluation) -> :func:`sum_member_blocks` of the wide
     weight. Without gradients and outside training mode the summed weight is cached; the cache key is
     the weight's storage and version counter (every in-place change: optimizer steps, ``copy_``,
-    ``load_state_dict``), and ``train()`` / ``eval()`` drop it.
+    ``load_state_dict``), and ``train()`` / ``eval()`` drop it. Writes through ``weight.data``
+    bypass the version counter: call ``train()`` / ``eval()`` after them (Lightning does between
+    stages) or evaluate with tiled inputs.
     """
 
     num_members: int

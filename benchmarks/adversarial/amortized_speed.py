@@ -56,9 +56,11 @@ def plugin_at_revision(revision: str, package_dir: Path) -> type:
 def old_step(plugin_class: type, variant: str, arch: str, batch: tuple) -> Callable[[], None]:
     original = run.make_plugins
     width = run.GENERATOR_WIDTH[arch]
-    run.make_plugins = lambda method, eps, w=width: [
-        plugin_class(variant=variant, epsilon=eps, generator_width=w)
-    ]
+
+    def make_plugins(method: str, epsilon: float, generator_width: int = width) -> list:
+        return [plugin_class(variant=variant, epsilon=epsilon, generator_width=generator_width)]
+
+    run.make_plugins = make_plugins
     try:
         return run.step_fn(f"adt_{variant}", arch, 0.1, batch)
     finally:

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ CONFIGS = [
 def diagnose(method: str, generator_lr: float, entropy_weight: float | None, epochs: int, seed: int) -> dict:
     torch.manual_seed(seed)
     if method == "pgd_at":
-        plugin: object = PGDAdversarialTraining(epsilon=0.1, steps=7)
+        plugin: Any = PGDAdversarialTraining(epsilon=0.1, steps=7)
     else:
         plugin = AdversarialDistributionalTraining(
             variant=method, epsilon=0.1, generator_lr=generator_lr, entropy_weight=entropy_weight

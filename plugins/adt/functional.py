@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +257,7 @@ class GeneratorNet(nn.Module):
                 nn.ReLU(),
             )
             self.blocks = nn.Sequential(*[_ResidualConvBlock(width) for _ in range(blocks)])
-            self.head = nn.Conv2d(width, channels * out_per_input, 3, padding=1)
+            self.head: nn.Conv2d | nn.Linear = nn.Conv2d(width, channels * out_per_input, 3, padding=1)
         else:
             self.noise_map = None
             self.stem = nn.Sequential(
@@ -266,6 +266,7 @@ class GeneratorNet(nn.Module):
             self.blocks = nn.Sequential(*[_ResidualMLPBlock(width) for _ in range(blocks)])
             self.head = nn.Linear(width, numel * out_per_input)
         # Start near zero output (mu = v = 0 as ADT_EXP does; a small implicit perturbation).
+        assert self.head.bias is not None
         nn.init.zeros_(self.head.bias)
         with torch.no_grad():
             self.head.weight.mul_(0.1)
@@ -274,7 +275,7 @@ class GeneratorNet(nn.Module):
         """``head(blocks(stem(h)))`` (called functionally, see :func:`_apply_layers`)."""
         h = _apply_layers(self.stem, h)
         for block in self.blocks:
-            h = F.relu(h + _apply_layers(block.body, h))
+            h = F.relu(h + _apply_layers(cast(nn.Sequential, block.body), h))
         return _apply_layers((self.head,), h)
 
     def forward(self, x: Tensor, g1: Tensor, g2: Tensor, noise: Tensor | None = None) -> tuple[Tensor, ...]:

@@ -80,7 +80,7 @@ class PGDAdversarialTraining(Plugin):
         if stage != "train":
             return None
         inputs, targets = module.split_batch(batch)
-        clip = None if self.clip_min is None else (self.clip_min, self.clip_max)
+        clip = None if self.clip_min is None or self.clip_max is None else (self.clip_min, self.clip_max)
         adversarial = adversarial_training_inputs(
             module.model,
             inputs,

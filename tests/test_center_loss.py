@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,7 +17,12 @@ from litplug.core.data.continual import PermutedDigitsDataModule, SplitDigitsDat
 from litplug.core.models import MLP
 from litplug.core.module import LitplugModule
 from litplug.plugins.center_loss import CenterLoss
-from litplug.plugins.center_loss.functional import center_loss, update_centers
+from litplug.plugins.center_loss.functional import (
+    apply_center_update,
+    center_loss,
+    center_statistics,
+    update_centers,
+)
 
 
 def test_penalty_is_half_lambda_mean_squared_distance_and_centers_get_no_gradient() -> None:
@@ -53,6 +59,84 @@ def test_update_matches_the_paper_formula_and_respects_frozen_classes() -> None:
         update_centers(centers, features, labels, alpha=1.5)
     with pytest.raises(ValueError, match="strength"):
         center_loss(features, labels, centers, strength=-1.0)
+
+
+def test_shard_statistics_add_up_to_the_whole_batch_update() -> None:
+    """The update from summed per-shard sums and counts (what DDP all-reduces) is the global one."""
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 3, generator=generator)
+    features = torch.randn(10, 3, generator=generator)
+    labels = torch.tensor([0, 0, 1, 3, 3, 3, 0, 1, 3, 0])
+    frozen = torch.tensor([False, False, False, True])
+    whole = update_centers(centers.clone(), features, labels, 0.5, frozen)
+    shards = [center_statistics(features[r::2], labels[r::2], 4) for r in range(2)]
+    sums, counts = (torch.stack(parts).sum(0) for parts in zip(*shards, strict=True))
+    assert counts.tolist() == [4.0, 2.0, 0.0, 4.0]
+    combined = apply_center_update(centers.clone(), sums, counts, 0.5, frozen)
+    torch.testing.assert_close(combined, whole)
+    one_shard = apply_center_update(centers.clone(), *shards[0], 0.5, frozen)
+    assert not torch.allclose(one_shard, whole)  # a shard alone gives another update
+
+
+# -- two processes: every rank applies the global batch's update ------------------------------------
+
+
+def _plugin_step(plugin: CenterLoss, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step's worth of plugin hooks outside Lightning: forward, loss term, batch end."""
+
+    class _Module:
+        num_classes = 10
+
+    _Module.model = model  # type: ignore[attr-defined]
+    plugin.litplug_on_fit_start(_Module)
+    outputs = model(x)
+    assert "center" in plugin.litplug_extra_losses(_Module, outputs, y, "train")
+    plugin.litplug_on_train_batch_end()
+
+
+def _two_batches() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    generator = torch.Generator().manual_seed(1)
+    return model, [
+        (torch.randn(12, 64, generator=generator), torch.randint(0, 10, (12,), generator=generator))
+        for _ in range(2)
+    ]
+
+
+def _center_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model, batches = _two_batches()
+        plugin = CenterLoss(alpha=0.5)
+        for x, y in batches:  # rank r takes rows r, r+2, ... of each global batch (litplug's sharding)
+            _plugin_step(plugin, model, x[rank::2], y[rank::2])
+        torch.save(plugin.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_centers_equal_to_one_process_on_the_global_batch(
+    tmp_path: Path,
+) -> None:
+    torch.multiprocessing.spawn(
+        _center_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("centers", "seen", "frozen"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # bitwise: the same reduced statistics
+    model, batches = _two_batches()
+    single = CenterLoss(alpha=0.5)
+    for x, y in batches:
+        _plugin_step(single, model, x, y)
+    torch.testing.assert_close(ranks[0]["centers"], single.centers)
+    assert torch.equal(ranks[0]["seen"], single.seen)
+    model, batches = _two_batches()
+    shard_only = CenterLoss(alpha=0.5)
+    for x, y in batches:
+        _plugin_step(shard_only, model, x[0::2], y[0::2])
+    assert not torch.allclose(shard_only.centers, single.centers)  # the test can tell them apart
 
 
 # -- the plugin inside a real run ------------------------------------------------------------------

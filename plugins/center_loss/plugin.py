@@ -7,10 +7,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from litplug.core import distributed
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
 
-from .functional import center_loss, update_centers
+from .functional import apply_center_update, center_loss, center_statistics
 
 
 def feature_module(model: nn.Module, feature_layer: str | None) -> tuple[nn.Module, bool]:
@@ -41,6 +42,12 @@ class CenterLoss(Plugin):
     stay valid (domain-incremental: the same classes in a new input distribution). Combine with
     ``Replay`` for the paper's best variant: replayed samples are pulled to their centers too.
 
+    The centers are updated once per training batch, in ``litplug_on_train_batch_end`` (so a
+    checkpoint saved at that step holds the update), from the features of that step's forward pass.
+    Under DDP the per-class feature sums and counts of every rank's shard are all-reduced first, so
+    every rank applies the update of the global batch: the centers (and ``seen``) stay identical
+    across ranks and equal those of a one-process run with the global batch.
+
     Args:
         center_lambda: strength, >= 0.
         alpha: center learning rate in [0, 1] (Wen et al.: 0.5).
@@ -51,7 +58,7 @@ class CenterLoss(Plugin):
 
     name: ClassVar[str] = "center_loss"
     run_after = ("replay",)
-    supports_ddp: ClassVar[bool] = False  # centers are updated from the local batch only
+    supports_ddp: ClassVar[bool] = True  # center updates use the global batch's sums and counts
 
     def __init__(
         self,
@@ -72,6 +79,7 @@ class CenterLoss(Plugin):
         self._features: Tensor | None = None
         self._hooked: nn.Module | None = None
         self._handle: Any = None
+        self._pending: tuple[Tensor, Tensor] | None = None  # this step's (features, labels)
 
     @classmethod
     def example(cls) -> CenterLoss:
@@ -135,12 +143,27 @@ class CenterLoss(Plugin):
         features = features.reshape(features.shape[0], -1)
         num_classes = int(getattr(module, "num_classes", None) or outputs.shape[-1])
         self._ensure_centers(num_classes, features.shape[1], features.device)
-        assert self.centers is not None and self.seen is not None
+        assert self.centers is not None
         loss = center_loss(features, targets, self.centers, self.center_lambda)
-        # Updated right after use (inside the step), so a checkpoint at this batch's end holds it.
-        update_centers(self.centers, features, targets, self.alpha, self.frozen)
-        self.seen[targets.unique()] = True
+        self._pending = (features.detach(), targets.detach())  # the update waits for the step's end
         return {"center": loss}
+
+    @hookimpl
+    def litplug_on_train_batch_end(self) -> None:
+        """Wen et al.'s update with this step's features, on the global batch under DDP."""
+        if self._pending is None:
+            return
+        features, targets = self._pending
+        self._pending = None
+        assert self.centers is not None and self.seen is not None
+        sums, counts = center_statistics(features, targets, self.centers.shape[0])
+        if distributed.is_distributed():
+            # One collective for both: [C, D] sums and [C] counts of every rank's shard, added up.
+            packed = torch.cat([sums, counts[:, None]], dim=1)
+            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+            sums, counts = packed[:, :-1], packed[:, -1]
+        apply_center_update(self.centers, sums, counts, self.alpha, self.frozen)
+        self.seen |= counts.to(self.seen.device) > 0
 
     @hookimpl
     def litplug_on_task_end(self) -> None:

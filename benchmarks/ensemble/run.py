@@ -32,6 +32,7 @@ from torch import nn
 
 from litplug.core.models import MLP, SmallCNN
 from litplug.plugins.ensemble import (
+    DeepEnsemble,
     MemberStack,
     faster_path,
     make_members,
@@ -104,7 +105,10 @@ def measure(setting: Setting, repeats: int, iterations: int) -> Row:
         return forward
 
     timings = time_forward_paths(stack, inputs, targets, repeats=3)
-    auto_train, auto_eval = faster_path(timings, "train"), faster_path(timings, "eval")
+    # the plugin's own rule: the device's expected winner unless the other path is >10% faster
+    prefer = DeepEnsemble.rule_path(inputs.device)
+    auto_train = faster_path(timings, "train", prefer, DeepEnsemble.SWITCH_MARGIN)
+    auto_eval = faster_path(timings, "eval", prefer, DeepEnsemble.SWITCH_MARGIN)
     samples: dict[str, list[float]] = {k: [] for k in ("train_seq", "train_vmap", "eval_seq", "eval_vmap")}
     for fn in (train("sequential"), train("vmap"), evaluate("sequential"), evaluate("vmap")):
         fn()  # warm-up

@@ -498,3 +498,43 @@ def test_a_plain_csv_run_logs_the_fisher_magnitude_at_every_task_end(tmp_path: P
     for key, value in plugin.last_fisher_statistics.items():
         assert float(logged[-1][key]) == pytest.approx(value, rel=1e-6), key
     assert float(logged[0]["ewc/fisher_sum"]) > 0
+
+
+# -- DDP: the Fisher is averaged across ranks -----------------------------------------------------
+
+
+def _fisher_worker(rank: int, store: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group: task end on rows rank, rank+2, ... of every batch."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = MLP(64, [8], 10)
+        shard = [(x[rank::2], y[rank::2]) for x, y in _batches((64,), n=24, batch=12)]
+        plugin = EWC(ewc_lambda=1.0, num_samples=None)
+        plugin.litplug_on_task_end(_FakeModule(model), 0, shard)
+        torch.save(
+            {"fisher": plugin.fishers[0], "statistics": plugin.last_fisher_statistics},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_two_processes_the_fisher_is_the_mean_of_the_ranks_and_equal_on_both(tmp_path: Path) -> None:
+    """Issue 3: under DDP the Fisher is averaged across ranks. Equal shards: the mean of the two
+    shards' Fishers is the Fisher of the whole batch, and both ranks hold exactly the same one."""
+    torch.multiprocessing.spawn(
+        _fisher_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["statistics"] == ranks[1]["statistics"]
+    torch.manual_seed(0)
+    model = MLP(64, [8], 10)
+    batches = _batches((64,), n=24, batch=12)
+    whole = fisher_diagonal(model, batches, "empirical")
+    shard0 = fisher_diagonal(model, [(x[0::2], y[0::2]) for x, y in batches], "empirical")
+    for name, value in whole.items():
+        assert torch.equal(ranks[0]["fisher"][name], ranks[1]["fisher"][name]), name
+        torch.testing.assert_close(ranks[0]["fisher"][name], value, rtol=1e-5, atol=1e-8)
+    assert not all(torch.allclose(shard0[n], whole[n], rtol=1e-3) for n in whole)  # shards differ

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from litplug.core.distributed import all_reduce_mean_
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
 
@@ -30,14 +31,14 @@ def _detached(params: dict[str, Tensor]) -> FisherDict:
 
 
 def _average_across_ranks(fisher: FisherDict) -> FisherDict:
-    """Mean of each rank's Fisher (each rank estimated it on its own shard) under DDP."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return fisher
-    world = dist.get_world_size()
+    """Mean of each rank's Fisher under DDP, in place (a no-op in one process).
+
+    Each rank estimates the Fisher on the samples its task loader gives it: with a sharded loader
+    and equally many samples per rank the mean is the Fisher of all ranks' samples together; with
+    litplug's data modules (unsharded task loaders) every rank's estimate is already the same.
+    """
     for tensor in fisher.values():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(world)
+        all_reduce_mean_(tensor)
     return fisher
 
 

@@ -29,6 +29,12 @@ class Replay(Plugin):
     seeded with ``seed + task``). With a task-incremental model (``TaskHeads``) the replayed samples
     are scored with their own task's head. The memory is part of the checkpoint.
 
+    Under DDP each rank keeps a memory of its own shard (``rank_local_state``: not averaged and not
+    in the agreement check): ``memory_size`` and ``replay_batch_size`` are per rank, so the global
+    batch carries ``world_size * replay_batch_size`` replayed samples. Checkpoints hold rank zero's
+    memory only (Lightning saves on rank zero), so after a resume every rank continues from rank
+    zero's memory.
+
     Args:
         memory_size: samples kept in total (or per class), >= 1.
         per_class: one reservoir of ``memory_size`` per class (class-balanced) instead of one in total.
@@ -39,8 +45,8 @@ class Replay(Plugin):
 
     name: ClassVar[str] = "replay"
     stochastic_training = True  # reservoir sampling and replayed draws use the training RNG
-    rank_local_state = True  # under DDP each rank keeps a memory of its own shard
-    supports_ddp: ClassVar[bool] = True  # each rank keeps a memory of its own shard
+    rank_local_state = True  # under DDP each rank keeps a memory of its own shard (intended)
+    supports_ddp: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -94,8 +100,9 @@ class Replay(Plugin):
             return None
         memory.to(inputs.device)
         old_x, old_y, old_tasks = memory.sample(self.replay_batch_size)
-        # Offered after drawing (a batch never replays itself) and inside the step, so a checkpoint
-        # taken at this batch's end (callbacks run before plugin batch-end hooks) already holds it.
+        # Offered right after drawing, so a batch never replays itself; the raw (untransformed)
+        # batch is at hand only here. A checkpoint saved at this step holds the offer (the core
+        # fires plugin batch-end hooks before ModelCheckpoint, so either place would be safe).
         self._offer(memory, inputs, targets)
         heads = _task_heads(module)
         if heads is not None and heads.task_classes is not None:

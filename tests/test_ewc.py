@@ -95,6 +95,25 @@ def test_fast_method_refuses_layers_it_does_not_cover() -> None:
         fisher_diagonal(model, _batches((64,)), method="fast")
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(1, 3, 3, padding="same"),  # a string F.unfold does not take
+        lambda: nn.Conv2d(1, 3, 3, padding=1, padding_mode="reflect"),  # unfold would pad with zeros
+    ],
+)
+def test_conv_padding_unfold_cannot_reproduce_goes_the_vmap_way_and_stays_exact(conv: Any) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    batches = _batches((1, 8, 8))
+    got = fisher_diagonal(model, batches, "empirical")  # auto: closed form for the Linear only
+    reference = fisher_diagonal_loop(model, batches, "empirical")
+    for name in reference:
+        assert torch.allclose(got[name], reference[name], atol=1e-7, rtol=1e-5), name
+    with pytest.raises(ValueError, match="not covered"):
+        fisher_diagonal(model, batches, method="fast")
+
+
 class _Shared(nn.Module):
     """One Linear applied twice: its per-sample gradient is not one outer product."""
 

@@ -214,15 +214,25 @@ def _is_fast_batchnorm(module: nn.Module) -> bool:
     )
 
 
+def _is_fast_conv2d(module: nn.Module) -> bool:
+    """An ungrouped Conv2d with numeric zero padding: what ``F.unfold`` reproduces exactly.
+
+    ``padding="same"``/``"valid"`` (strings ``unfold`` does not take) and reflect/replicate/circular
+    padding (``unfold`` pads with zeros) go the vmap way instead.
+    """
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and not isinstance(module.padding, str)
+        and module.padding_mode == "zeros"
+    )
+
+
 def _fast_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear, ungrouped Conv2d and eval-mode affine BatchNorm layers with trainable parameters, by name."""
     layers = {}
     for name, module in model.named_modules():
-        covered = (
-            isinstance(module, nn.Linear)
-            or (isinstance(module, nn.Conv2d) and module.groups == 1)
-            or _is_fast_batchnorm(module)
-        )
+        covered = isinstance(module, nn.Linear) or _is_fast_conv2d(module) or _is_fast_batchnorm(module)
         if covered and any(p.requires_grad for p in module.parameters(recurse=False)):
             layers[name] = module
     return layers
@@ -273,8 +283,10 @@ def _linear_squared_grads(layer: nn.Linear, a: Tensor, delta: Tensor) -> dict[st
 
 def _conv2d_squared_grads(layer: nn.Conv2d, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
     """Sum over samples of squared per-sample gradients of a Conv2d layer (via unfold)."""
+    padding = layer.padding
+    assert not isinstance(padding, str), "string padding is not a fast layer (_is_fast_conv2d)"
     unfolded = F.unfold(
-        a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        a, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride
     )  # [N, C_in*k*k, L]
     d = delta.reshape(delta.shape[0], delta.shape[1], -1)  # [N, C_out, L]
     per_sample = torch.einsum("nol,nil->noi", d, unfolded)  # [N, C_out, C_in*k*k]

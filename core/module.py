@@ -235,7 +235,7 @@ class LitplugModule(L.LightningModule):
         total = loss + sum(extras.values()) if extras else loss
         batch_size = _batch_size(targets)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
-        if extras and self._writes_step_logs():
+        if extras and self.writes_step_logs():
             self.log("train/loss_main", loss, batch_size=batch_size)
             for name, term in extras.items():
                 self.log(f"train/loss_{name}", term, batch_size=batch_size)
@@ -244,7 +244,7 @@ class LitplugModule(L.LightningModule):
         self._train_batch = batch
         return total
 
-    def _writes_step_logs(self) -> bool:
+    def writes_step_logs(self) -> bool:
         """Whether Lightning writes step metrics at this step (every ``log_every_n_steps``).
 
         The named loss terms are only logged then: each ``self.log`` call costs ~0.1 ms, which on a

@@ -557,3 +557,78 @@ def test_under_two_processes_the_fisher_is_the_mean_of_the_ranks_and_equal_on_bo
         assert torch.equal(ranks[0]["fisher"][name], ranks[1]["fisher"][name]), name
         torch.testing.assert_close(ranks[0]["fisher"][name], value, rtol=1e-5, atol=1e-8)
     assert not all(torch.allclose(shard0[n], whole[n], rtol=1e-3) for n in whole)  # shards differ
+
+
+# -- penalty_via: gradient injection vs backpropagated loss ---------------------------------------
+
+
+def _two_task_weights(
+    penalty_via: str, ewc_lambda: float = 50.0, **trainer_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    module = _module([EWC(ewc_lambda=ewc_lambda, num_samples=200, penalty_via=penalty_via)])
+    trainer = quiet_trainer(
+        callbacks=[ContinualLearning(results_file=None, heatmap=False)],
+        limit_val_batches=0,
+        deterministic=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=_permuted(epochs=1))
+    assert module.get_plugin("ewc").tasks == [0, 1]
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    # 20 batches per epoch: accumulating 4 never leaves a partial step at an epoch end (there the
+    # backpropagated penalty would count only the micro-batches seen, the injected one in full)
+    [{}, {"accumulate_grad_batches": 4, "gradient_clip_val": 0.5}],
+    ids=["plain", "accumulation+clipping"],
+)
+def test_gradient_injection_trains_like_the_backpropagated_penalty(trainer_kwargs: dict[str, Any]) -> None:
+    by_loss = _two_task_weights("loss", **trainer_kwargs)
+    by_gradient = _two_task_weights("gradient", **trainer_kwargs)
+    naive = _two_task_weights("gradient", ewc_lambda=0.0, **trainer_kwargs)
+    for key, value in by_loss.items():
+        torch.testing.assert_close(by_gradient[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(by_loss[k], naive[k]) for k in by_loss)
+
+
+def test_gradient_injection_adds_the_closed_form_gradient_and_reaches_unused_parameters() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    plugin = EWC(ewc_lambda=3.0)
+    center = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    plugin.anchors, plugin.fishers, plugin.tasks = [center], [fisher], [0]
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)  # steps the first layer only
+    model[0](torch.randn(5, 4)).sum().backward()  # the second layer gets no gradient from the loss
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    plugin.add_penalty_gradient(model, optimizer)
+    for name, p in model.named_parameters():
+        expected_penalty = 3.0 * fisher[name] * (p.detach() - center[name])
+        if name.startswith("0."):
+            torch.testing.assert_close(p.grad, before[name] + expected_penalty)
+        else:  # not in the optimizer: left alone
+            assert p.grad is None
+    plugin.add_penalty_gradient(model)  # no optimizer: every penalised parameter
+    torch.testing.assert_close(
+        model[1].weight.grad, 3.0 * fisher["1.weight"] * (model[1].weight - center["1.weight"])
+    )
+
+
+def test_the_logged_term_is_the_penalty_value_in_both_modes() -> None:
+    torch.manual_seed(0)
+    model = MLP(8, [6], 3)
+    params = dict(model.named_parameters())
+    center = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()}
+    fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    module = type("M", (), {"model": model})()
+    values = {}
+    for via in ("loss", "gradient"):
+        plugin = EWC(ewc_lambda=7.0, penalty_via=via)
+        plugin.anchors, plugin.fishers, plugin.tasks = [center], [fisher], [0]
+        values[via] = plugin.litplug_extra_losses(module, "train")["ewc"]
+    assert values["loss"].requires_grad and not values["gradient"].requires_grad
+    torch.testing.assert_close(values["gradient"], values["loss"].detach())
+    torch.testing.assert_close(values["loss"].detach(), ewc_penalty(params, center, fisher, 7.0).detach())

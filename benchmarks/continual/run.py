@@ -206,9 +206,9 @@ class _Holder:
         self.model = model
 
 
-def _ewc_with_anchors(model: torch.nn.Module, tasks: int = 4) -> EWC:
+def _ewc_with_anchors(model: torch.nn.Module, tasks: int = 4, penalty_via: str = "gradient") -> EWC:
     """An EWC plugin that has seen ``tasks`` task ends (separate mode merges them into one quadratic)."""
-    plugin = EWC(ewc_lambda=100.0, num_samples=256)
+    plugin = EWC(ewc_lambda=100.0, num_samples=256, penalty_via=penalty_via)
     generator = torch.Generator().manual_seed(1)
     for task in range(tasks):
         data = [(torch.rand(128, 64, generator=generator), torch.randint(0, 10, (128,), generator=generator))]
@@ -232,8 +232,8 @@ class _NoOpFunction(torch.autograd.Function):
         return (None,) * len(ctx.needs_input_grad)
 
 
-def raw_penalty_overhead(pairs: int) -> dict[str, float]:
-    """Raw step (forward, CE, backward, SGD step), MLP 64-256-256-10, batch 64: no penalty, the plain
+def raw_penalty_overhead(pairs: int, batch: int = 64) -> dict[str, float]:
+    """Raw step (forward, CE, backward, SGD step), MLP 64-256-256-10, batch ``batch``: no penalty, the plain
     per-parameter autograd formula, and the fused penalty the plugin uses; interleaved step by step."""
     torch.manual_seed(0)
     model = MLP(64, [256, 256], 10)
@@ -241,27 +241,30 @@ def raw_penalty_overhead(pairs: int) -> dict[str, float]:
     prepared = plugin._prepared()
     center, fisher, scale = prepared.center, prepared.fisher, prepared.scale
     offset = prepared.offset
-    x, y = torch.rand(64, 64), torch.randint(0, 10, (64,))
+    x, y = torch.rand(batch, 64), torch.randint(0, 10, (batch,))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def formula() -> torch.Tensor:
         params = dict(model.named_parameters())
         return scale * (quadratic_penalty(params, center, fisher) + offset)
 
-    variants: dict[str, Callable[[], torch.Tensor] | None] = {
+    variants: dict[str, Callable[[], torch.Tensor] | None | str] = {
         "plain": None,
         "formula": formula,
         "fused": lambda: plugin.penalty(model),
         "noop": lambda: _NoOpFunction.apply(*model.parameters()),
+        "inject": "inject",
     }
 
-    def step(penalty: Callable[[], torch.Tensor] | None) -> float:
+    def step(penalty: Callable[[], torch.Tensor] | None | str) -> float:
         start = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
-        if penalty is not None:
+        if callable(penalty):
             loss = loss + penalty()
         optimizer.zero_grad()
         loss.backward()
+        if penalty == "inject":  # the plugin's default: closed-form gradient added before the step
+            plugin.add_penalty_gradient(model, optimizer)
         optimizer.step()
         return time.perf_counter() - start
 
@@ -280,6 +283,8 @@ def raw_penalty_overhead(pairs: int) -> dict[str, float]:
         "fused_overhead": med["fused"] / med["plain"] - 1.0,
         "noop_ms": 1000 * med["noop"],
         "noop_overhead": med["noop"] / med["plain"] - 1.0,
+        "inject_ms": 1000 * med["inject"],
+        "inject_overhead": med["inject"] / med["plain"] - 1.0,
         "steps": pairs,
     }
 
@@ -307,32 +312,39 @@ class ConstantTerm(Plugin):
         return {"ewc": torch.zeros(())} if stage == "train" else None
 
 
-def lightning_penalty_overhead(rounds: int, steps: int) -> dict[str, float]:
+def lightning_penalty_overhead(rounds: int, steps: int, batch: int = 64) -> dict[str, float]:
     """Step time inside ``trainer.fit`` (batch start to batch end: LitplugModule's training step,
     backward, SGD step, logging), same model and data: no plugin, a constant zero extra term, the
     EWC plugin; alternating fits, median over all steps after 5 warm-up steps per fit."""
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(
-        torch.rand(64 * steps, 64, generator=generator),
-        torch.randint(0, 10, (64 * steps,), generator=generator),
+        torch.rand(batch * steps, 64, generator=generator),
+        torch.randint(0, 10, (batch * steps,), generator=generator),
     )
-    times: dict[str, list[float]] = {"plain": [], "constant": [], "ewc": []}
+    times: dict[str, list[float]] = {"plain": [], "constant": [], "ewc": [], "ewc_loss": []}
     for _ in range(rounds):
         for kind in times:
             torch.manual_seed(0)
             model = MLP(64, [256, 256], 10)
-            plugins = {"plain": [], "constant": [ConstantTerm()], "ewc": [_ewc_with_anchors(model)]}[kind]
+            plugins = {
+                "plain": [],
+                "constant": [ConstantTerm()],
+                "ewc": [_ewc_with_anchors(model)],
+                "ewc_loss": [_ewc_with_anchors(model, penalty_via="loss")],
+            }[kind]
             module = LitplugModule(model, plugins=plugins, optimizer=lambda p: torch.optim.SGD(p, lr=1e-4))
             timer = _StepTimer()
             trainer = L.Trainer(max_steps=steps, callbacks=[timer], **trainer_kwargs())
-            trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=64))
+            trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=batch))
             times[kind].extend(timer.times[5:])
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "plain_ms": 1000 * med["plain"],
         "constant_ms": 1000 * med["constant"],
         "ewc_ms": 1000 * med["ewc"],
+        "ewc_loss_ms": 1000 * med["ewc_loss"],
         "overhead": med["ewc"] / med["plain"] - 1.0,
+        "loss_overhead": med["ewc_loss"] / med["plain"] - 1.0,
         "constant_overhead": med["constant"] / med["plain"] - 1.0,
         "ewc_vs_constant": med["ewc"] / med["constant"] - 1.0,
         "steps": len(times["plain"]),
@@ -416,12 +428,16 @@ def write_results(
             "|---|---|---|---|",
             f"| raw PyTorch, plain autograd formula (before) | {raw['plain_ms']:.3f} | {raw['formula_ms']:.3f} | "
             f"{100 * raw['formula_overhead']:.0f}% |",
-            f"| raw PyTorch, fused penalty (the plugin's) | {raw['plain_ms']:.3f} | {raw['fused_ms']:.3f} | "
-            f"{100 * raw['fused_overhead']:.0f}% |",
+            f"| raw PyTorch, fused autograd penalty (`penalty_via='loss'`) | {raw['plain_ms']:.3f} | "
+            f"{raw['fused_ms']:.3f} | {100 * raw['fused_overhead']:.0f}% |",
+            f"| raw PyTorch, closed-form gradient added before the step (`penalty_via='gradient'`, default) | "
+            f"{raw['plain_ms']:.3f} | {raw['inject_ms']:.3f} | {100 * raw['inject_overhead']:.0f}% |",
             f"| raw PyTorch, a no-op autograd.Function over the same parameters (floor) | {raw['plain_ms']:.3f} | "
             f"{raw['noop_ms']:.3f} | {100 * raw['noop_overhead']:.0f}% |",
-            f"| Lightning `trainer.fit`, LitplugModule +/- EWC plugin | {lit['plain_ms']:.3f} | {lit['ewc_ms']:.3f} | "
-            f"{100 * lit['overhead']:.0f}% |",
+            f"| Lightning `trainer.fit`, LitplugModule +/- EWC plugin (default, `penalty_via='gradient'`) | "
+            f"{lit['plain_ms']:.3f} | {lit['ewc_ms']:.3f} | {100 * lit['overhead']:.0f}% |",
+            f"| Lightning `trainer.fit`, LitplugModule +/- EWC plugin (`penalty_via='loss'`) | "
+            f"{lit['plain_ms']:.3f} | {lit['ewc_loss_ms']:.3f} | {100 * lit['loss_overhead']:.0f}% |",
             f"| Lightning, + a constant zero loss term (no penalty: hook call and logging only) | "
             f"{lit['plain_ms']:.3f} | {lit['constant_ms']:.3f} | {100 * lit['constant_overhead']:.0f}% |",
             f"| Lightning, EWC plugin vs the constant term (the penalty's own cost in Lightning) | "
@@ -433,6 +449,59 @@ def write_results(
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def overhead_only(args: argparse.Namespace) -> None:
+    """The penalty-overhead tables alone, at two batch sizes (the penalty's cost does not grow with
+    the batch, the step's does)."""
+    start = time.perf_counter()
+    lines = [
+        "# EWC penalty per-step overhead",
+        "",
+        f"Command: `python benchmarks/continual/run.py {' '.join(args.argv)}`",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; load average before: "
+        + " / ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "",
+        "MLP 64-256-256-10 (85k parameters), SGD, 4 task anchors merged into one quadratic. Raw: "
+        f"{args.repeats * 100} steps per variant interleaved step by step, medians. Lightning: "
+        f"{args.repeats} rounds of one {100}-step fit per variant in turn, median step time (batch start "
+        "to batch end) after 5 warm-up steps per fit. Target (issue 3): <= 10%.",
+        "",
+        "| batch | step | no penalty ms | with EWC ms | overhead |",
+        "|---|---|---|---|---|",
+    ]
+    for batch in (64, 256):
+        raw = raw_penalty_overhead(pairs=args.repeats * 100, batch=batch)
+        lit = lightning_penalty_overhead(rounds=args.repeats, steps=100, batch=batch)
+        print(batch, raw, lit, flush=True)
+        rows = [
+            ("raw, plain autograd formula", raw["plain_ms"], raw["formula_ms"]),
+            ("raw, fused autograd penalty (`penalty_via='loss'`)", raw["plain_ms"], raw["fused_ms"]),
+            (
+                "raw, gradient added before the step (`penalty_via='gradient'`, default)",
+                raw["plain_ms"],
+                raw["inject_ms"],
+            ),
+            (
+                "raw, a no-op autograd.Function over the parameters (floor of any autograd penalty)",
+                raw["plain_ms"],
+                raw["noop_ms"],
+            ),
+            ("Lightning, EWC (default) vs no plugin", lit["plain_ms"], lit["ewc_ms"]),
+            ("Lightning, EWC (`penalty_via='loss'`) vs no plugin", lit["plain_ms"], lit["ewc_loss_ms"]),
+            ("Lightning, a constant extra loss term vs no plugin", lit["plain_ms"], lit["constant_ms"]),
+        ]
+        lines += [
+            f"| {batch} | {name} | {a:.3f} | {b:.3f} | {100 * (b / a - 1):.0f}% |" for name, a, b in rows
+        ]
+    lines += [
+        "",
+        f"Load average after: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}; "
+        f"wall time {(time.perf_counter() - start) / 60:.1f} min.",
+    ]
+    (HERE / "RESULTS_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -448,6 +517,11 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=500)
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the EWC penalty's step overhead at batch 64 and 256, written to RESULTS_overhead.md",
+    )
     args = parser.parse_args()
     import sys
 
@@ -456,6 +530,9 @@ def main() -> None:
         args.seeds, args.tasks, args.epochs, args.repeats = [0], 2, 1, 1
     torch.set_num_threads(args.threads)
     quiet()
+    if args.overhead_only:
+        overhead_only(args)
+        return
     start = time.perf_counter()
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for sequence in args.sequences:

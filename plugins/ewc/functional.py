@@ -31,7 +31,7 @@ independent and the batched backward really holds per-sample gradients.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -570,6 +570,7 @@ class PreparedPenalty:
         self._names: list[str] = []
         self._scaled_fisher: list[Tensor] = []
         self._centers: list[Tensor] = []
+        self._diffs: list[Tensor] = []  # reused buffers for theta - center
 
     def _prepare(self, params: Mapping[str, Tensor]) -> None:
         key = tuple((name, p.shape, p.dtype, p.device) for name, p in params.items())
@@ -580,7 +581,48 @@ class PreparedPenalty:
             (2.0 * self.scale * self.fisher[n]).to(params[n].device, params[n].dtype) for n in self._names
         ]
         self._centers = [self.center[n].to(params[n].device, params[n].dtype) for n in self._names]
+        self._diffs = []
         self._key = key
+
+    @torch.no_grad()
+    def value(self, params: Mapping[str, Tensor]) -> Tensor:
+        """The penalty's value without a graph (for logging when the gradient is added directly)."""
+        self._prepare(params)
+        tensors = [params[name] for name in self._names]
+        if not tensors:
+            return next(iter(params.values())).new_zeros(())
+        diffs = torch._foreach_sub(tensors, self._centers)
+        value = _half_sum_of_dots(torch._foreach_mul(diffs, self._scaled_fisher), diffs)
+        return value + self.scale * self.offset if self.offset else value
+
+    @torch.no_grad()
+    def add_gradient(self, params: Mapping[str, Tensor], include: Collection[int] | None = None) -> None:
+        """``p.grad += 2 * scale * F * (p - center)``, the penalty's gradient, outside autograd.
+
+        Only the parameters whose ``id`` is in ``include`` when given; one without a gradient gets
+        the penalty's alone. Added after the task loss's backward (the plugin's
+        ``penalty_via="gradient"``) this is the update of backpropagating the penalty, without the
+        second gradient per parameter that autograd would accumulate, and with two passes over the
+        parameters into reused buffers (no per-step allocation: fresh parameter-sized tensors every
+        step cost page faults, measured slower than the arithmetic).
+        """
+        self._prepare(params)
+        chosen = [i for i, name in enumerate(self._names) if include is None or id(params[name]) in include]
+        if not self._diffs:
+            self._diffs = [torch.empty_like(c) for c in self._centers]
+        for i in chosen:
+            torch.sub(params[self._names[i]].detach(), self._centers[i], out=self._diffs[i])
+        with_grad = [i for i in chosen if params[self._names[i]].grad is not None]
+        if with_grad:
+            torch._foreach_addcmul_(
+                [params[self._names[i]].grad for i in with_grad],  # type: ignore[misc]
+                [self._scaled_fisher[i] for i in with_grad],
+                [self._diffs[i] for i in with_grad],
+            )
+        for i in chosen:
+            p = params[self._names[i]]
+            if p.grad is None and p.requires_grad:
+                p.grad = self._scaled_fisher[i] * self._diffs[i]
 
     def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
         self._prepare(params)

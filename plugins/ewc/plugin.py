@@ -23,6 +23,7 @@ from .functional import (
 )
 
 MODES = ("separate", "online")
+PENALTY_VIA = ("gradient", "loss")
 METRIC_PREFIX = "ewc"
 
 
@@ -72,6 +73,15 @@ class EWC(Plugin):
             for the rest), ``"fast"`` or ``"vmap"``.
         seed: seed of the private generator that draws labels for ``estimator="sampled"`` (task
             ``t`` uses ``seed + t``), so the training random stream is untouched.
+        penalty_via: ``"gradient"`` (default) adds the penalty's closed-form gradient
+            ``lambda * F * (theta - theta*)`` to the parameters' gradients in
+            ``on_before_optimizer_step`` (after AMP unscaling and gradient accumulation, before
+            clipping: the same update as backpropagating it, at a fraction of the cost); its value,
+            without a graph, joins the loss on the steps Lightning writes logs (``train/loss`` and
+            ``train/loss_ewc`` as written to the loggers include it; the progress bar's per-step
+            ``train/loss`` between those steps does not). ``"loss"`` backpropagates the
+            penalty as a loss term: use it when something re-evaluates the loss itself (LBFGS's
+            line search, a custom training loop that skips ``on_before_optimizer_step``).
 
     Parameters that did not exist (or had another shape) when a task ended, such as a head added
     later, are not penalised for that task.
@@ -96,6 +106,7 @@ class EWC(Plugin):
         num_samples: int | None = 500,
         method: str = "auto",
         seed: int = 0,
+        penalty_via: str = "gradient",
     ) -> None:
         self.check_range("ewc_lambda", ewc_lambda, low=0.0)
         self.check_choice("mode", mode, MODES)
@@ -109,6 +120,7 @@ class EWC(Plugin):
             )
         self.check_choice("method", method, METHODS)
         self.check(isinstance(seed, int) and seed >= 0, "seed", f"must be an integer >= 0, got {seed!r}")
+        self.check_choice("penalty_via", penalty_via, PENALTY_VIA)
         self.ewc_lambda = ewc_lambda
         self.mode = mode
         self.gamma = gamma
@@ -116,6 +128,7 @@ class EWC(Plugin):
         self.num_samples = num_samples
         self.method = method
         self.seed = seed
+        self.penalty_via = penalty_via
         self.tasks: list[int] = []
         self.anchors: list[FisherDict] = []
         self.fishers: list[FisherDict] = []
@@ -238,10 +251,33 @@ class EWC(Plugin):
 
     @hookimpl
     def litplug_extra_losses(self, module: Any, stage: str) -> dict[str, Tensor] | None:
-        if stage != "train":
+        if stage != "train" or not self.anchors:
             return None
-        term = self.penalty(module.model)
-        return None if term is None else {"ewc": term}
+        if self.penalty_via == "loss":
+            return {"ewc": self._prepared()(dict(module.model.named_parameters()))}
+        # The gradient is added before the optimizer step. The value only matters for the logged
+        # loss, so it is computed on the steps Lightning writes logs (two more passes otherwise).
+        writes_logs = getattr(module, "writes_step_logs", None)
+        if writes_logs is not None and not writes_logs():
+            return None
+        return {"ewc": self._prepared().value(dict(module.model.named_parameters()))}
+
+    def add_penalty_gradient(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """``p.grad += lambda * F * (p - theta*)`` for the penalised parameters (those of ``optimizer``
+        when given): the penalty's gradient, added outside autograd (``penalty_via="gradient"``)."""
+        if not self.anchors:
+            return
+        include = None
+        if optimizer is not None:
+            include = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._prepared().add_gradient(dict(model.named_parameters()), include)
+
+    @hookimpl
+    def litplug_on_before_optimizer_step(self, module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if self.penalty_via == "gradient":
+            self.add_penalty_gradient(module.model, optimizer)
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ How results combine, stated per hook:
 
 The resolved order comes from each plugin's ``run_after`` / ``run_before`` declarations (see
 :mod:`litplug.core.ordering`). Under DDP every hook runs on every rank unless its docstring says
-otherwise; logging is reduced or done on rank zero by the core, never by a hook.
+otherwise. Metrics logged with ``module.log`` are reduced by Lightning; a plugin that writes to the
+loggers directly (images, task-end statistics) does so on rank zero only.
 """
 
 from __future__ import annotations
@@ -150,9 +151,10 @@ def litplug_on_after_backward(module: LightningModule) -> None:
 
 @hookspec
 def litplug_on_before_optimizer_step(module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
-    """The optimizer is about to step (after gradient clipping by the trainer is configured).
-
-    Results: collected. Ranks: all.
+    """The optimizer is about to step: once per optimizer step (after every micro-batch of a
+    gradient-accumulation window), with the gradients already unscaled under AMP (and all-reduced
+    under DDP), before the trainer clips them. A gradient added here is clipped and applied like the
+    loss's (EWC adds its penalty's gradient here). Results: collected. Ranks: all.
     """
 
 
@@ -234,7 +236,8 @@ def litplug_on_task_end(module: LightningModule, task_id: int, dataloader: DataL
     """Training on task ``task_id`` has finished; ``dataloader`` iterates that task's training data.
 
     Compute importance estimates (EWC's Fisher), store anchors and class centers here. Results:
-    collected. Ranks: all, each with its shard; the DDP callback averages what must agree.
+    collected. Ranks: all, each with its shard: a plugin whose state must agree across ranks reduces
+    it itself (EWC all-reduces its Fisher); the DDP callback only checks that it does.
     """
 
 

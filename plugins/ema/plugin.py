@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import weakref
 from typing import Any
 
 import lightning as L
@@ -66,7 +65,6 @@ class EMA(Plugin):
         self.last_update_step = -1
         self._pending_state: dict[str, Tensor] | None = None
         self._backup: list[Tensor] | None = None
-        self._module: weakref.ref[L.LightningModule] | None = None
 
     @classmethod
     def example(cls) -> EMA:
@@ -104,7 +102,6 @@ class EMA(Plugin):
 
     @hookimpl
     def litplug_on_fit_start(self, module: L.LightningModule) -> None:
-        self._module = weakref.ref(module)
         self._ensure_averaged(module)
 
     def should_update(self, step_index: int) -> bool:
@@ -115,6 +112,8 @@ class EMA(Plugin):
 
     @hookimpl
     def litplug_on_train_batch_end(self, module: L.LightningModule) -> None:
+        # Fired before ModelCheckpoint's on_train_batch_end (see the hookspec), so a checkpoint
+        # saved at this step holds this step's update.
         self._update_if_due(module)
 
     def _update_if_due(self, module: L.LightningModule) -> None:
@@ -124,18 +123,6 @@ class EMA(Plugin):
         if self.should_update(step - 1):
             self._ensure_averaged(module).update_parameters(module.model)
         self.last_update_step = step
-
-    def _catch_up(self) -> None:
-        """Apply an update owed for the latest optimizer step before its state is saved.
-
-        Lightning runs callbacks' ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps)``
-        saves there) before the module's, which calls this plugin; without catching up, a checkpoint
-        taken after step t would miss update t and a resumed run would never make it.
-        """
-        module = self._module() if self._module is not None else None
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        if module is not None and trainer is not None and trainer.training:
-            self._update_if_due(module)
 
     # -- evaluation: swap the average in, and the training weights back --------------------------
 
@@ -163,7 +150,6 @@ class EMA(Plugin):
     # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        self._catch_up()
         if self._pending_state is not None:
             averaged = dict(self._pending_state)
         elif self.averaged is not None:

@@ -202,6 +202,15 @@ class _SummedEvalInput:
     training: bool
     _summed_cache: tuple[tuple[int, int, torch.dtype], Tensor] | None
 
+    def __init__(self, *args: Any, num_members: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the layer class after this mixin (nn.Linear, nn.Conv2d)
+        self.num_members = num_members
+        self._summed_cache = None
+
+    def train(self, mode: bool = True) -> Any:
+        self._summed_cache = None
+        return super().train(mode)  # type: ignore[misc]
+
     def _summed_weight(self) -> Tensor:
         weight = self.weight
         if self.training or (torch.is_grad_enabled() and weight.requires_grad):
@@ -233,11 +242,6 @@ class MIMOInputLinear(_SummedEvalInput, nn.Linear):
     """``nn.Linear`` over ``M`` members' features side by side that also takes one plain input
     (evaluation: the same example for every member) through its summed weight blocks."""
 
-    def __init__(self, *args: Any, num_members: int = 1, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.num_members = num_members
-        self._summed_cache = None
-
     def _input_width(self) -> int:
         return self.in_features
 
@@ -246,19 +250,10 @@ class MIMOInputLinear(_SummedEvalInput, nn.Linear):
             return F.linear(x, self._summed_weight(), self.bias)
         return super().forward(x)
 
-    def train(self, mode: bool = True) -> MIMOInputLinear:
-        self._summed_cache = None
-        return super().train(mode)
-
 
 class MIMOInputConv2d(_SummedEvalInput, nn.Conv2d):
     """``nn.Conv2d`` over ``M`` members' channels side by side that also takes one plain input
     (evaluation: the same example for every member) through its summed weight blocks."""
-
-    def __init__(self, *args: Any, num_members: int = 1, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.num_members = num_members
-        self._summed_cache = None
 
     def _input_width(self) -> int:
         return self.in_channels
@@ -267,10 +262,6 @@ class MIMOInputConv2d(_SummedEvalInput, nn.Conv2d):
         if self._is_plain_input(x):
             return self._conv_forward(x, self._summed_weight(), self.bias)
         return super().forward(x)
-
-    def train(self, mode: bool = True) -> MIMOInputConv2d:
-        self._summed_cache = None
-        return super().train(mode)
 
 
 def _widened_shell(

@@ -21,7 +21,9 @@ from torch.optim.swa_utils import AveragedModel
 
 __all__ = ["ema_decay", "ema_multi_avg_fn", "ema_update_reference", "make_averaged_model"]
 
-MultiAvgFn = Callable[[list[Tensor], list[Tensor], Tensor | int], None]
+# AveragedModel's contract: the tensor groups may come as lists or tuples (it passes lists today).
+TensorList = list[Tensor] | tuple[Tensor, ...]
+MultiAvgFn = Callable[[TensorList, TensorList, Tensor | int], None]
 
 
 def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
@@ -39,7 +41,7 @@ def ema_multi_avg_fn(decay: float, warmup: bool) -> MultiAvgFn:
     """
 
     @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+    def update(averaged: TensorList, current: TensorList, num_averaged: Tensor | int) -> None:
         weight = 1.0 - ema_decay(decay, int(num_averaged), warmup)
         if averaged[0].is_floating_point() or averaged[0].is_complex():
             torch._foreach_lerp_(averaged, current, weight)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -72,9 +72,13 @@ class EMA(Plugin):
 
     # -- the averaged copy (plugin-owned: not registered in the LightningModule) --------------------
 
+    # The hooks get the LitplugModule, whose ``model`` is an nn.Module; read through LightningModule's
+    # ``__getattr__`` mypy only sees ``Tensor | Module``, hence the casts (no runtime effect).
     def _ensure_averaged(self, module: L.LightningModule) -> AveragedModel:
         if self.averaged is None:
-            self.averaged = make_averaged_model(module.model, self.decay, self.warmup, self.use_buffers)
+            self.averaged = make_averaged_model(
+                cast(nn.Module, module.model), self.decay, self.warmup, self.use_buffers
+            )
             if self._pending_state is not None:
                 self.averaged.load_state_dict(self._pending_state)
                 self._pending_state = None
@@ -121,7 +125,7 @@ class EMA(Plugin):
         if step <= self.last_update_step:
             return  # already done, or gradient accumulation: no optimizer step since the last update
         if self.should_update(step - 1):
-            self._ensure_averaged(module).update_parameters(module.model)
+            self._ensure_averaged(module).update_parameters(cast(nn.Module, module.model))
         self.last_update_step = step
 
     # -- evaluation: swap the average in, and the training weights back --------------------------
@@ -131,7 +135,7 @@ class EMA(Plugin):
         if not self.has_average() or self._backup is not None:
             return  # nothing averaged yet (e.g. the sanity check): evaluate the live weights
         averaged = self._ensure_averaged(module)
-        live = self._tensors(module.model)
+        live = self._tensors(cast(nn.Module, module.model))
         self._backup = [t.detach().clone() for t in live]
         with torch.no_grad():
             for target, source in zip(live, self._tensors(averaged.module), strict=True):
@@ -142,7 +146,7 @@ class EMA(Plugin):
         if self._backup is None:
             return None
         with torch.no_grad():
-            for target, saved in zip(self._tensors(module.model), self._backup, strict=True):
+            for target, saved in zip(self._tensors(cast(nn.Module, module.model)), self._backup, strict=True):
                 target.copy_(saved)
         self._backup = None
         return {"ema_updates": float(self.num_updates)}

@@ -3,7 +3,9 @@
 
     python benchmarks/distill/make_teacher.py   # writes plugins/distill/assets/digits_ensemble3_mlp128.pt
 
-A deep ensemble of 3 MLPs (64-128-10) on the digits, Adam 1e-3, batch 64, 15 epochs, seed 0.
+A deep ensemble of 3 MLPs (64-128-10) on the digits, Adam 1e-3, batch 64, 60 epochs, seed 0. (Until
+2026-11-29 the asset was the same recipe at 15 epochs: a teacher weaker than the student trained
+alone, from which distillation could not help; see benchmarks/distill/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from litplug.plugins.ensemble import DeepEnsemble
 ASSET = Path(__file__).resolve().parents[2] / "plugins" / "distill" / "assets" / "digits_ensemble3_mlp128.pt"
 
 
-def train_teacher(epochs: int = 15, seed: int = 0, members: int = 3, hidden: int = 128) -> LitplugModule:
+def train_teacher(epochs: int = 60, seed: int = 0, members: int = 3, hidden: int = 128) -> LitplugModule:
     """A deep-ensemble teacher trained on the digits (sequential members: the exact CPU path)."""
     L.seed_everything(seed)
     teacher = LitplugModule(

@@ -126,8 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher-epochs",
         type=int,
         nargs="+",
-        default=[0, 60],
-        help="teachers to distil from: 0 = the shipped asset (15 epochs), N = the same recipe retrained N epochs",
+        default=[0, 15],
+        help="teachers to distil from: 0 = the shipped asset (60 epochs), N = the same recipe retrained N epochs",
     )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     for teacher_epochs in args.teacher_epochs:
         path = TEACHER if teacher_epochs == 0 else make_teacher(teacher_epochs, args.tmp)
         label = (
-            "shipped teacher (15 epochs)"
+            "shipped teacher (60 epochs)"
             if teacher_epochs == 0
             else f"teacher retrained {teacher_epochs} epochs"
         )

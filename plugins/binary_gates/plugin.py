@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -137,10 +137,11 @@ class BinaryGatesPlugin(Plugin):
     @hookimpl
     def litplug_check_setup(self, module: LightningModule) -> None:
         """Reject LSTMs the replacement cannot reproduce (projections) before any surgery."""
-        for name, layer in module.model.named_modules():
+        model = cast(nn.Module, module.model)  # LitplugModule.model (mypy sees Tensor | Module)
+        for name, layer in model.named_modules():
             if _is_plain_lstm(layer) and layer.proj_size:
                 raise PluginSetupError(
-                    f"plugin '{self.name}' cannot replace LSTM '{name or type(module.model).__name__}': "
+                    f"plugin '{self.name}' cannot replace LSTM '{name or type(model).__name__}': "
                     f"proj_size={layer.proj_size} is not supported (use proj_size=0)"
                 )
 
@@ -186,7 +187,8 @@ class BinaryGatesPlugin(Plugin):
 
     @staticmethod
     def _gate_layers(module: LightningModule) -> list[GumbelGateLSTM]:
-        return [m for m in module.model.modules() if isinstance(m, GumbelGateLSTM)]
+        model = cast(nn.Module, module.model)  # LitplugModule.model (mypy sees Tensor | Module)
+        return [m for m in model.modules() if isinstance(m, GumbelGateLSTM)]
 
     def _log_histogram_image(self, module: LightningModule, stage: str) -> None:
         """Send the histogram image to every logger that takes images (rank zero only)."""

@@ -24,6 +24,7 @@ measures both paths so a caller can pick the faster one.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -348,8 +349,8 @@ def time_forward_paths(
                     result[f"{path}_error"] = f"{type(err).__name__}: {err}"
             for _ in range(repeats):
                 for path in working:
-                    samples[f"train_{path}"].append(_timed(lambda p=path: train_step(p), device))
-                    samples[f"eval_{path}"].append(_timed(lambda p=path: eval_forward(p), device))
+                    samples[f"train_{path}"].append(_timed(functools.partial(train_step, path), device))
+                    samples[f"eval_{path}"].append(_timed(functools.partial(eval_forward, path), device))
     finally:
         with torch.no_grad():
             for buffer, saved in zip(stack.buffers(), saved_buffers, strict=True):

@@ -3,7 +3,7 @@ mean-of-probabilities prediction, per-member metrics, and the automatic vmap/seq
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import lightning as L
 import torch
@@ -13,6 +13,9 @@ from litplug.core.hookspecs import hookimpl
 from litplug.core.metrics import flatten_classes
 from litplug.core.plots import ReliabilityRecorder
 from litplug.core.plugin import Plugin
+
+if TYPE_CHECKING:
+    from litplug.core.module import LitplugModule
 
 from .functional import (
     FORWARD_PATHS,
@@ -138,7 +141,8 @@ class DeepEnsemble(Plugin):
                 self.train_path = self.eval_path = self.rule_path(module.device)
                 self.timings = {"rule": "multi-process: vmap on CUDA, sequential otherwise"}
             else:
-                inputs, targets = module.split_batch(sample_batch)
+                # the hooks get the LitplugModule; split_batch is its method, not LightningModule's
+                inputs, targets = cast("LitplugModule", module).split_batch(sample_batch)
                 loss_fn = getattr(module, "loss_fn", None)
                 self.timings = time_forward_paths(stack, inputs, targets, loss_fn, self.timing_repeats)
                 prefer = self.rule_path(module.device)

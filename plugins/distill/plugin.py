@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -140,7 +140,9 @@ class Distill(Plugin):
     @torch.no_grad()
     def teacher_logits(self, module: L.LightningModule, inputs: Any) -> Tensor:
         """The teacher's log-probabilities (used as its logits) for ``inputs``, on the student's device."""
-        teacher = self.build_teacher(module.model)
+        # The hooks get the LitplugModule, whose ``model`` is an nn.Module; read through LightningModule's
+        # ``__getattr__`` mypy only sees ``Tensor | Module``, hence the casts (no runtime effect).
+        teacher = self.build_teacher(cast(nn.Module, module.model))
         teacher.to(module.device)
         batch = teacher.hooks.transform_batch(module=teacher, batch=(inputs, None), stage="predict")
         teacher_inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -148,11 +150,12 @@ class Distill(Plugin):
 
     @hookimpl
     def litplug_check_setup(self, module: L.LightningModule) -> None:
-        self.build_teacher(module.model)  # a bad path or architecture fails before the first step
+        # a bad path or architecture fails before the first step
+        self.build_teacher(cast(nn.Module, module.model))
 
     @hookimpl
     def litplug_on_fit_start(self, module: L.LightningModule) -> None:
-        self.build_teacher(module.model).to(module.device)
+        self.build_teacher(cast(nn.Module, module.model)).to(module.device)
 
     # -- loss -------------------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class Distill(Plugin):
     def litplug_extra_losses(
         self, module: L.LightningModule, outputs: Tensor, targets: Tensor, batch: Any
     ) -> dict[str, Tensor]:
-        inputs = module.split_batch(batch)[0]
+        inputs = cast(LitplugModule, module).split_batch(batch)[0]
         teacher = self.teacher_logits(module, inputs)
         _, soft = distillation_loss(outputs, teacher, targets, self.temperature, self.alpha)
         return {"distill": soft}
@@ -180,7 +183,7 @@ class Distill(Plugin):
     ) -> dict[str, Tensor]:
         if targets.is_floating_point():
             return {}
-        teacher = self.teacher_logits(module, module.split_batch(batch)[0])
+        teacher = self.teacher_logits(module, cast(LitplugModule, module).split_batch(batch)[0])
         return {"teacher_agreement": teacher_agreement(outputs, teacher, targets)}
 
     # -- state ------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class _SummedEvalInput:
     """
 
     num_members: int
-    weight: nn.Parameter
+    weight: Tensor  # a Parameter at runtime; declared as nn.Linear / nn.Conv2d declare it
     training: bool
     _summed_cache: tuple[tuple[int, int, torch.dtype], Tensor] | None
 
@@ -327,6 +327,7 @@ def widen_input_layer(layer: WidenableLayer, num_members: int) -> WidenableLayer
     members = _member_weights(layer, num_members)
     wide.weight.copy_(torch.cat([m.weight.to(wide.weight) for m in members], dim=1))
     if layer.bias is not None:
+        assert wide.bias is not None  # the shell is built with bias=has_bias
         wide.bias.copy_(layer.bias)
     return wide
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -112,7 +112,9 @@ class MIMO(Plugin):
     @hookimpl
     def litplug_check_setup(self, module: L.LightningModule) -> None:
         """Fail before training when the layers cannot be found or widened."""
-        self._layer_paths(module.model)
+        # The hooks get the LitplugModule, whose ``model`` is an nn.Module; read through LightningModule's
+        # ``__getattr__`` mypy only sees ``Tensor | Module``, hence the casts (no runtime effect).
+        self._layer_paths(cast(nn.Module, module.model))
         if getattr(module, "loss_fn", None) is not None:
             warnings.warn(
                 f"plugin '{self.name}' replaces the configured loss with the sum over heads of "
@@ -155,7 +157,7 @@ class MIMO(Plugin):
         if self._eval_input is None:
             if module is None:
                 return False
-            model = module.model
+            model = cast(nn.Module, module.model)
             if model.training:  # a check forward in training mode would move BatchNorm statistics
                 return False
             self._eval_input = self._check_summed_input(model, inputs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -54,7 +54,7 @@ class WarmupConfigError(LitplugError, ValueError):
         super().__init__(f"callback '{callback}': argument '{argument}' {problem}")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -382,7 +382,8 @@ def _first_dataloader(loaders: Any) -> DataLoader[Any] | None:
 
 def _per_device_batch_size(trainer: L.Trainer) -> int | None:
     """Examples per batch per device: ``trainer.datamodule.batch_size``, else the train loader's."""
-    datamodule = trainer.datamodule
+    # Lightning's DataConnector sets trainer.datamodule on the instance; Trainer does not declare it.
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]
     size = getattr(datamodule, "batch_size", None) if datamodule is not None else None
     if _is_int(size) and size > 0:
         return int(size)

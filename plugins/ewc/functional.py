@@ -570,18 +570,19 @@ class PreparedPenalty:
         self._names: list[str] = []
         self._scaled_fisher: list[Tensor] = []
         self._centers: list[Tensor] = []
-        self._diffs: list[Tensor] = []  # reused buffers for theta - center
+        self._tensors: list[Tensor] = []
 
     def _prepare(self, params: Mapping[str, Tensor]) -> None:
-        key = tuple((name, p.shape, p.dtype, p.device) for name, p in params.items())
+        # Identity too: the cached tensor list must be these parameter objects (held, so no id reuse).
+        key = tuple((name, id(p), p.shape, p.dtype, p.device) for name, p in params.items())
         if key == self._key:
             return
         self._names = [name for name, _, _ in penalised_parameters(params, self.center)]
+        self._tensors = [params[n] for n in self._names]
         self._scaled_fisher = [
             (2.0 * self.scale * self.fisher[n]).to(params[n].device, params[n].dtype) for n in self._names
         ]
         self._centers = [self.center[n].to(params[n].device, params[n].dtype) for n in self._names]
-        self._diffs = []
         self._key = key
 
     @torch.no_grad()
@@ -602,27 +603,27 @@ class PreparedPenalty:
         Only the parameters whose ``id`` is in ``include`` when given; one without a gradient gets
         the penalty's alone. Added after the task loss's backward (the plugin's
         ``penalty_via="gradient"``) this is the update of backpropagating the penalty, without the
-        second gradient per parameter that autograd would accumulate, and with two passes over the
-        parameters into reused buffers (no per-step allocation: fresh parameter-sized tensors every
-        step cost page faults, measured slower than the arithmetic).
+        second gradient per parameter that autograd would accumulate: two ``torch._foreach`` calls
+        (measured cheaper than reusing buffers through a per-tensor Python loop).
         """
         self._prepare(params)
-        chosen = [i for i, name in enumerate(self._names) if include is None or id(params[name]) in include]
-        if not self._diffs:
-            self._diffs = [torch.empty_like(c) for c in self._centers]
-        for i in chosen:
-            torch.sub(params[self._names[i]].detach(), self._centers[i], out=self._diffs[i])
-        with_grad = [i for i in chosen if params[self._names[i]].grad is not None]
-        if with_grad:
-            torch._foreach_addcmul_(
-                [params[self._names[i]].grad for i in with_grad],  # type: ignore[misc]
-                [self._scaled_fisher[i] for i in with_grad],
-                [self._diffs[i] for i in with_grad],
-            )
-        for i in chosen:
-            p = params[self._names[i]]
-            if p.grad is None and p.requires_grad:
-                p.grad = self._scaled_fisher[i] * self._diffs[i]
+        tensors, fishers, centers = self._tensors, self._scaled_fisher, self._centers
+        if include is not None and not all(id(p) in include for p in tensors):
+            chosen = [i for i, p in enumerate(tensors) if id(p) in include]
+            tensors = [tensors[i] for i in chosen]
+            fishers = [fishers[i] for i in chosen]
+            centers = [centers[i] for i in chosen]
+        if not tensors:
+            return
+        diffs = torch._foreach_sub(tensors, centers)
+        if all(p.grad is not None for p in tensors):
+            torch._foreach_addcmul_([p.grad for p in tensors], fishers, diffs)  # type: ignore[misc]
+            return
+        for p, fisher, diff in zip(tensors, fishers, diffs, strict=True):
+            if p.grad is not None:
+                p.grad.addcmul_(fisher, diff)
+            elif p.requires_grad:  # unused by the task loss: the penalty's gradient alone
+                p.grad = fisher * diff
 
     def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
         self._prepare(params)

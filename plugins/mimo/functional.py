@@ -223,7 +223,7 @@ class _SummedEvalInput:
         return cache[1]
 
     def _input_width(self) -> int:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _input_width")
 
     def _is_plain_input(self, x: Tensor) -> bool:
         width = x.shape[1] if x.dim() > 1 else -1

@@ -264,3 +264,60 @@ def test_center_loss_pulls_new_task_features_to_old_centers_and_changes_forgetti
     assert cl_dist[1] < 0.6 * naive_dist[1], results  # new task's features pulled to the old centers
     assert cl_dist[0] < naive_dist[0], results  # old task's features drifted less from them
     assert abs(cl_forgetting - naive_forgetting) > 0.03, results
+
+
+# -- freeze_classifier ------------------------------------------------------------------------------
+
+
+class _WeightsAtEpochStart(Callback):
+    """The classifier's and the first layer's weights at every epoch start (one epoch per task)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.head: list[torch.Tensor] = []
+        self.body: list[torch.Tensor] = []
+
+    def on_train_epoch_start(self, *args: object) -> None:
+        self.head.append(self.model.head.weight.detach().clone())  # type: ignore[union-attr]
+        self.body.append(next(self.model.parameters()).detach().clone())
+
+
+def test_freeze_classifier_keeps_the_head_from_the_first_task_end_on_and_trains_the_rest() -> None:
+    plugin = CenterLoss(center_lambda=0.1, freeze_classifier=True)
+    L.seed_everything(0)
+    model = MLP(64, [16], 10)
+    module = LitplugModule(model, plugins=[plugin], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    weights = _WeightsAtEpochStart(model)
+    data = SplitDigitsDataModule(
+        classes_per_task=5, scenario="class", epochs_per_task=1, batch_size=64, seed=0
+    )
+    trainer = quiet_trainer(
+        callbacks=[ContinualLearning(results_file=None, heatmap=False), weights], limit_val_batches=0
+    )
+    fit_continual(module, data, trainer=trainer)
+    assert plugin.classifier_frozen and plugin.state_dict()["classifier_frozen"] is True
+    assert not any(p.requires_grad for p in model.head.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head."))
+    head_task0_start, head_task1_start = weights.head
+    assert not torch.equal(head_task0_start, head_task1_start)  # task 0 trained the head
+    assert torch.equal(model.head.weight, head_task1_start)  # task 1 did not
+    assert not torch.equal(next(model.parameters()), weights.body[1])  # but trained the features
+
+
+def test_freeze_classifier_is_restored_from_the_checkpoint_state() -> None:
+    model = MLP(64, [16], 10)
+    plugin = CenterLoss(freeze_classifier=True)
+    plugin.load_state_dict({"centers": None, "seen": None, "frozen": None, "classifier_frozen": True})
+    module = LitplugModule(model, plugins=[plugin])
+    plugin.litplug_on_fit_start(module)
+    assert not any(p.requires_grad for p in model.head.parameters())
+    old = CenterLoss()
+    old.load_state_dict({"centers": None, "seen": None, "frozen": None})  # a checkpoint from before the flag
+    assert old.classifier_frozen is False
+
+
+def test_freeze_classifier_needs_the_classifier_input_as_feature() -> None:
+    plugin = CenterLoss(freeze_classifier=True, feature_layer="body.1")
+    module = LitplugModule(MLP(64, [16], 10), plugins=[plugin])
+    with pytest.raises(Exception, match="freeze_classifier"):
+        plugin.litplug_check_setup(module)

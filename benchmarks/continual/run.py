@@ -60,6 +60,12 @@ METHODS: dict[str, Callable[[], list[Any]]] = {
         CenterLoss(center_lambda=0.1, alpha=0.5),
         Replay(200, replay_batch_size=32),
     ],
+    # The abstract's "keeping the decision boundaries unchanged", read as a classifier frozen after task 0.
+    "center_loss_frozen_head": lambda: [CenterLoss(center_lambda=0.1, alpha=0.5, freeze_classifier=True)],
+    "center_loss_frozen_head+replay": lambda: [
+        CenterLoss(center_lambda=0.1, alpha=0.5, freeze_classifier=True),
+        Replay(200, replay_batch_size=32),
+    ],
     "joint": lambda: [],
 }
 

@@ -54,6 +54,9 @@ class CenterLoss(Plugin):
         feature_layer: dotted name of the module whose output is the feature; ``None``: the input
             of the last ``nn.Linear`` (the classifier's input).
         freeze_old_centers: freeze every class's center at the end of the task that trained it.
+        freeze_classifier: at the first task end, stop training the classifier (the last
+            ``nn.Linear``, whose input is the feature), one reading of the paper's "keeping the
+            decision boundaries unchanged"; single-process only.
     """
 
     name: ClassVar[str] = "center_loss"
@@ -66,13 +69,21 @@ class CenterLoss(Plugin):
         alpha: float = 0.5,
         feature_layer: str | None = None,
         freeze_old_centers: bool = True,
+        freeze_classifier: bool = False,
     ) -> None:
         self.check_range("center_lambda", center_lambda, low=0.0)
         self.check_range("alpha", alpha, low=0.0, high=1.0)
+        self.check(
+            isinstance(freeze_classifier, bool),
+            "freeze_classifier",
+            f"must be a bool, got {freeze_classifier!r}",
+        )
         self.center_lambda = center_lambda
         self.alpha = alpha
         self.feature_layer = feature_layer
         self.freeze_old_centers = freeze_old_centers
+        self.freeze_classifier = freeze_classifier
+        self.classifier_frozen = False  # set at the first task end when freeze_classifier
         self.centers: Tensor | None = None
         self.seen: Tensor | None = None  # classes that have trained their center
         self.frozen: Tensor | None = None
@@ -112,10 +123,32 @@ class CenterLoss(Plugin):
             feature_module(module.model, self.feature_layer)
         except KeyError as err:
             self.check(False, "feature_layer", str(err))
+        if self.freeze_classifier:
+            self.check(
+                self.feature_layer is None,
+                "freeze_classifier",
+                "needs feature_layer=None (the classifier frozen is the last nn.Linear, whose input is the feature)",
+            )
+            trainer = getattr(module, "_trainer", None)
+            self.check(
+                trainer is None or trainer.world_size == 1,
+                "freeze_classifier",
+                "is not supported under DDP (parameters that stop training mid-run break DDP's gradient reducer)",
+            )
 
     @hookimpl
     def litplug_on_fit_start(self, module: Any) -> None:
         self._attach(module.model)
+        if self.classifier_frozen:  # resumed after the first task end
+            self._freeze_classifier(module.model)
+
+    def _freeze_classifier(self, model: nn.Module) -> None:
+        """Stop training the classifier (the last ``nn.Linear``): the decision boundaries stay as the
+        first task left them, and later tasks' features are pulled to the frozen centers."""
+        classifier, _ = feature_module(model, None)
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+            p.grad = None
 
     # -- loss and center update -------------------------------------------------------------------
 
@@ -166,14 +199,23 @@ class CenterLoss(Plugin):
         self.seen |= counts.to(self.seen.device) > 0
 
     @hookimpl
-    def litplug_on_task_end(self) -> None:
+    def litplug_on_task_end(self, module: Any) -> None:
         if self.freeze_old_centers and self.seen is not None and self.frozen is not None:
             self.frozen |= self.seen
+        if self.freeze_classifier and not self.classifier_frozen:
+            self.classifier_frozen = True
+            self._freeze_classifier(module.model)
 
     # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"centers": self.centers, "seen": self.seen, "frozen": self.frozen}
+        return {
+            "centers": self.centers,
+            "seen": self.seen,
+            "frozen": self.frozen,
+            "classifier_frozen": self.classifier_frozen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.centers, self.seen, self.frozen = state["centers"], state["seen"], state["frozen"]
+        self.classifier_frozen = bool(state.get("classifier_frozen", False))  # absent before 2026-11-29

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
+from torch import Tensor, nn
 
 from litplug.core.continual import ContinualLearning, fit_continual
 from litplug.core.data.continual import PermutedDigitsDataModule
@@ -615,6 +615,34 @@ def test_gradient_injection_adds_the_closed_form_gradient_and_reaches_unused_par
     torch.testing.assert_close(
         model[1].weight.grad, 3.0 * fisher["1.weight"] * (model[1].weight - center["1.weight"])
     )
+
+
+def test_gradient_injection_follows_a_new_optimizer_and_a_new_task() -> None:
+    """add_penalty_gradient caches the optimizer's parameters: a new optimizer, or a task end that
+    changes the anchor, must be picked up on the next step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    plugin = EWC(ewc_lambda=2.0)
+    center = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    plugin.anchors, plugin.fishers, plugin.tasks = [center], [fisher], [0]
+
+    def injected(optimizer: torch.optim.Optimizer) -> dict[str, Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        plugin.add_penalty_gradient(model, optimizer)
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    first_only = injected(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    assert first_only["1.weight"] is None and first_only["0.weight"] is not None
+    both = injected(torch.optim.SGD(model.parameters(), lr=0.1))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(both[name], 2.0 * fisher[name] * (p.detach() - center[name]))
+    # a new anchor at the current weights: the penalty's gradient there is zero (to rounding)
+    plugin.anchors = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+    plugin._merged = None
+    at_anchor = injected(torch.optim.SGD(model.parameters(), lr=0.1))
+    for grad in at_anchor.values():
+        assert grad is not None and float(grad.abs().max()) < 1e-6
 
 
 def test_the_logged_term_is_the_penalty_value_in_both_modes() -> None:

@@ -134,6 +134,10 @@ class EWC(Plugin):
         self.fishers: list[FisherDict] = []
         self._merged: PreparedPenalty | None = None
         self.last_fisher_statistics: dict[str, float] = {}
+        # add_penalty_gradient's per-optimizer cache (never saved: rebuilt on the first step)
+        self._gradient_key: tuple[int, ...] | None = None
+        self._gradient_params: dict[str, Tensor] = {}
+        self._gradient_include: frozenset[int] = frozenset()
 
     @classmethod
     def example(cls) -> EWC:
@@ -168,6 +172,7 @@ class EWC(Plugin):
             self.anchors.append(anchor)
             self.tasks.append(task_id)
         self._merged = None
+        self._gradient_key = None  # a task may have added parameters (a new head)
         self.last_fisher_statistics = self.fisher_statistics(fisher, task_id)
         self._log_statistics(module, self.last_fisher_statistics)
         self._warn_if_unstable(module)
@@ -269,10 +274,18 @@ class EWC(Plugin):
         when given): the penalty's gradient, added outside autograd (``penalty_via="gradient"``)."""
         if not self.anchors:
             return
-        include = None
-        if optimizer is not None:
-            include = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self._prepared().add_gradient(dict(model.named_parameters()), include)
+        penalty = self._prepared()
+        if optimizer is None:
+            penalty.add_gradient(dict(model.named_parameters()))
+            return
+        # Cached per optimizer parameter list: rebuilding the name map and the id set every step cost
+        # ~15 us, about 1% of a batch-64 MLP step.
+        key = tuple(id(p) for group in optimizer.param_groups for p in group["params"])
+        if key != self._gradient_key:
+            self._gradient_params = dict(model.named_parameters())
+            self._gradient_include = frozenset(key)
+            self._gradient_key = key
+        penalty.add_gradient(self._gradient_params, self._gradient_include)
 
     @hookimpl
     def litplug_on_before_optimizer_step(self, module: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -455,18 +455,7 @@ def write_results(
         lines.append("")
     if speed:
         raw, lit = overhead["raw"], overhead["lightning"]
-        lines += [
-            f"## Fisher speed ({args.fisher_samples} samples, empirical estimator, medians of {args.repeats} interleaved repeats)",
-            "",
-            "| model | loop ms | vmap ms | auto (closed form) ms | vmap speed-up | auto speed-up | max abs err vmap / auto |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in speed:
-            lines.append(
-                f"| {r['model']} | {r['loop_ms']:.0f} | {r['vmap_ms']:.0f} | {r['auto_ms']:.1f} | "
-                f"{r['vmap_speedup']:.1f}x | {r['auto_speedup']:.1f}x | "
-                f"{r['max_abs_err_vmap']:.1e} / {r['max_abs_err_auto']:.1e} |"
-            )
+        lines += fisher_table(speed, args)
         lines += [
             "",
             "## EWC penalty per-step overhead (MLP 64-256-256-10, batch 64, SGD, 4 task anchors merged)",
@@ -494,6 +483,45 @@ def write_results(
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def fisher_table(speed: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    lines = [
+        f"## Fisher speed ({args.fisher_samples} samples, empirical estimator, medians of {args.repeats} interleaved repeats)",
+        "",
+        "| model | loop ms | vmap ms | auto (closed form) ms | vmap speed-up | auto speed-up | max abs err vmap / auto |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in speed:
+        lines.append(
+            f"| {r['model']} | {r['loop_ms']:.0f} | {r['vmap_ms']:.0f} | {r['auto_ms']:.1f} | "
+            f"{r['vmap_speedup']:.1f}x | {r['auto_speedup']:.1f}x | "
+            f"{r['max_abs_err_vmap']:.1e} / {r['max_abs_err_auto']:.1e} |"
+        )
+    return lines
+
+
+def fisher_only(args: argparse.Namespace) -> None:
+    """The Fisher speed table alone (loop vs torch.func vmap vs the closed-form auto path)."""
+    start = time.perf_counter()
+    load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    speed = fisher_speed(args.repeats, args.fisher_samples)
+    lines = [
+        "# EWC Fisher speed",
+        "",
+        f"Command: `python benchmarks/continual/run.py {' '.join(args.argv)}`",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; load average before: {load_before}",
+        "",
+        "Targets (issue 3 and METHODS.md): auto >= 20x the loop on the MLP; >= 5x at 500 samples on the CNN.",
+        "",
+        *fisher_table(speed, args),
+        "",
+        f"Load average after: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}; "
+        f"wall time {(time.perf_counter() - start) / 60:.1f} min.",
+    ]
+    (HERE / "RESULTS_fisher.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def overhead_only(args: argparse.Namespace) -> None:
@@ -576,6 +604,11 @@ def main() -> None:
         action="store_true",
         help="only the EWC penalty's step overhead at batch 64 and 256, written to RESULTS_overhead.md",
     )
+    parser.add_argument(
+        "--fisher-only",
+        action="store_true",
+        help="only the Fisher speed table (loop / vmap / auto at --fisher-samples), written to RESULTS_fisher.md",
+    )
     args = parser.parse_args()
     import sys
 
@@ -586,6 +619,9 @@ def main() -> None:
     quiet()
     if args.overhead_only:
         overhead_only(args)
+        return
+    if args.fisher_only:
+        fisher_only(args)
         return
     start = time.perf_counter()
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}

@@ -16,7 +16,7 @@ How per-sample gradients are computed (``method``):
 - ``"fast"`` (the default where it applies): for ``nn.Linear`` on ``[N, in]`` inputs the sum over
   samples of squared per-sample weight gradients is ``(delta^2)^T (a^2)`` (``delta`` the gradient
   w.r.t. the layer's output, ``a`` its input), from ONE batched backward with reduction "sum"
-  (Goodfellow 2015). ``nn.Conv2d`` gets per-sample gradients from unfolded inputs (one einsum);
+  (Goodfellow 2015). ``nn.Conv2d`` gets per-sample gradients from unfolded inputs (batched matmuls);
   eval-mode affine BatchNorm (running statistics) from ``delta * x_hat`` summed over positions.
   Exact, not an approximation; covers the layers of most classifiers.
 - ``"vmap"``: ``torch.func.vmap(grad)`` over chunks of samples; any differentiable model.
@@ -266,6 +266,26 @@ class _LayerRecorder:
         return hook
 
 
+_PER_SAMPLE_CHUNK_ELEMENTS = 1 << 18
+
+
+def _summed_squared_per_sample(delta: Tensor, a: Tensor) -> Tensor:
+    """``sum_n (delta_n a_n^T)^2`` for ``delta`` ``[N, O, L]`` and ``a`` ``[N, I, L]``: ``[O, I]``.
+
+    The per-sample products ``[n, O, I]`` are materialised a few samples at a time (about 2^18
+    values, 1 MiB in float32: they stay in cache between the product and the squaring) and squared
+    in place. Measured on a [128, 64, 16] x [128, 288, 16] conv layer: 2.9-3.1 ms vs 5.5 ms for
+    the whole batch at once (one einsum, then ``pow``: two batch-sized temporaries).
+    """
+    chunk = max(1, _PER_SAMPLE_CHUNK_ELEMENTS // (delta.shape[1] * a.shape[1]))
+    a_t = a.transpose(1, 2)
+    total = delta.new_zeros(delta.shape[1], a.shape[1])
+    for start in range(0, delta.shape[0], chunk):
+        products = torch.bmm(delta[start : start + chunk], a_t[start : start + chunk])
+        total += products.square_().sum(0)
+    return total
+
+
 def _linear_squared_grads(layer: nn.Linear, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
     """Sum over samples of squared per-sample gradients of a Linear layer."""
     if a.dim() == 2:
@@ -275,7 +295,7 @@ def _linear_squared_grads(layer: nn.Linear, a: Tensor, delta: Tensor) -> dict[st
         return out
     # [N, ..., in]: a sample's gradient sums over its positions, so materialise it per sample.
     a3, d3 = a.reshape(a.shape[0], -1, a.shape[-1]), delta.reshape(delta.shape[0], -1, delta.shape[-1])
-    out = {"weight": torch.einsum("nto,nti->noi", d3, a3).pow(2).sum(0)}
+    out = {"weight": _summed_squared_per_sample(d3.transpose(1, 2), a3.transpose(1, 2))}
     if layer.bias is not None:
         out["bias"] = d3.sum(1).pow(2).sum(0)
     return out
@@ -289,8 +309,7 @@ def _conv2d_squared_grads(layer: nn.Conv2d, a: Tensor, delta: Tensor) -> dict[st
         a, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride
     )  # [N, C_in*k*k, L]
     d = delta.reshape(delta.shape[0], delta.shape[1], -1)  # [N, C_out, L]
-    per_sample = torch.einsum("nol,nil->noi", d, unfolded)  # [N, C_out, C_in*k*k]
-    out = {"weight": per_sample.pow(2).sum(0).reshape(layer.weight.shape)}
+    out = {"weight": _summed_squared_per_sample(d, unfolded).reshape(layer.weight.shape)}
     if layer.bias is not None:
         out["bias"] = d.sum(2).pow(2).sum(0)
     return out
@@ -327,23 +346,26 @@ def _fast_accumulate(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     inputs: Tensor,
-    pairs: Sequence[tuple[Tensor, Tensor]],
+    make_pairs: Callable[[Tensor], Sequence[tuple[Tensor, Tensor]]],
     fisher: FisherDict,
-) -> bool:
+) -> tuple[bool, Sequence[tuple[Tensor, Tensor]]]:
     """Add the batch's squared per-sample gradients of the fast layers' parameters to ``fisher``.
 
-    One forward, then per ``(labels, weights)`` pair one backward to the layers' OUTPUTS only
-    (``torch.autograd.grad``: the model's ``.grad`` fields stay untouched). Returns False, adding
-    nothing, when a layer ran other than once (weight sharing: its per-sample gradient is then not
-    ``delta a^T`` of a single call) or its output does not require grad.
+    One forward, whose detached log-probabilities also give the ``(labels, weights)`` pairs
+    (``make_pairs``, called exactly once: a second forward just for them cost ~15% of the MLP's
+    Fisher), then per pair one backward to the layers' OUTPUTS only (``torch.autograd.grad``: the
+    model's ``.grad`` fields stay untouched). Returns ``(False, pairs)``, adding nothing, when a
+    layer ran other than once (weight sharing: its per-sample gradient is then not ``delta a^T`` of
+    a single call) or its output does not require grad.
     """
     with _LayerRecorder(layers) as recorder, torch.enable_grad():
         log_probs = F.log_softmax(model(inputs), dim=-1)
+    pairs = make_pairs(log_probs.detach())
     if any(calls != 1 for calls in recorder.calls.values()):
-        return False
+        return False, pairs
     names = [name for name in layers if recorder.outputs[name].requires_grad]
     if len(names) != len(layers):
-        return False
+        return False, pairs
     outputs = [recorder.outputs[name] for name in names]
     for index, (labels, weights) in enumerate(pairs):
         picked = (log_probs.gather(1, labels[:, None]).squeeze(1) * weights).sum()
@@ -356,7 +378,7 @@ def _fast_accumulate(
                 key = f"{name}.{pname}" if name else pname
                 if key in fisher:  # a frozen weight or bias has no entry
                     fisher[key] += value
-    return True
+    return True, pairs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -389,7 +411,7 @@ def _vmap_accumulate(
             stop = start + chunk_size
             grads = per_sample(wanted, inputs[start:stop], labels[start:stop], weights[start:stop])
             for name in names:
-                fisher[name] += grads[name].float().pow(2).sum(0)
+                fisher[name] += grads[name].float().square_().sum(0)  # vmap's own output: square in place
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,15 +469,23 @@ def fisher_diagonal(
                     fisher[name] += batch_fisher[name]
                 count += 1
                 continue
-            with torch.no_grad():
-                log_probs = F.log_softmax(model(inputs), dim=-1)
-            pairs = label_weights(log_probs, targets, estimator, generator)
-            if layers and not _fast_accumulate(model, layers, inputs, pairs, fisher):
-                # Weight sharing (same on every batch, so this happens on the first one, before
-                # anything was added): every parameter goes the general way.
-                if method == "fast":
-                    raise ValueError("method 'fast' needs every Linear/Conv2d layer to run once per forward")
-                layers, rest = {}, list(params)
+
+            def make_pairs(log_probs: Tensor) -> Sequence[tuple[Tensor, Tensor]]:
+                return label_weights(log_probs, targets, estimator, generator)  # noqa: B023 (called now)
+
+            if layers:
+                done, pairs = _fast_accumulate(model, layers, inputs, make_pairs, fisher)
+                if not done:
+                    # Weight sharing (same on every batch, so this happens on the first one, before
+                    # anything was added): every parameter goes the general way.
+                    if method == "fast":
+                        raise ValueError(
+                            "method 'fast' needs every Linear/Conv2d layer to run once per forward"
+                        )
+                    layers, rest = {}, list(params)
+            else:
+                with torch.no_grad():
+                    pairs = make_pairs(F.log_softmax(model(inputs), dim=-1))
             if rest:
                 _vmap_accumulate(model, rest, inputs, pairs, fisher, chunk_size)
             count += int(targets.shape[0])

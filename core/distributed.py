@@ -51,6 +51,29 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (pickled; small payloads only); ``[obj]`` in one process.
+
+    Tensors should be on the CPU: a pickled CUDA tensor would come back on the sender's device.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def to_cpu(state: Any) -> Any:
+    """``state`` with every tensor inside nested dicts/lists/tuples moved to the CPU."""
+    if isinstance(state, Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(value) for value in state)
+    return state
+
+
 def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Make every parameter and buffer of ``module`` equal to rank ``src``'s."""
     with torch.no_grad():

@@ -9,6 +9,7 @@ random-number state (so a resumed run draws the same noise), and the fact that m
 from __future__ import annotations
 
 import random
+import warnings
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -218,6 +219,8 @@ class LitplugModule(L.LightningModule):
             return
         distributed.broadcast_module_(self.model)
         for plugin in self.plugins:
+            if plugin.rank_local_state:  # differs per rank by design (e.g. a replay memory of a shard)
+                continue
             state = plugin.state_dict()
             if state:
                 agreed = distributed.broadcast_object(state)
@@ -344,13 +347,22 @@ class LitplugModule(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "order": self.hooks.order(),
-            "plugins": {
-                p.name: {"class_path": p.class_path(), "version": p.state_version, "state": p.state_dict()}
-                for p in self.plugins
-            },
+            "plugins": {p.name: self._plugin_checkpoint_entry(p) for p in self.plugins},
             "rng": _get_rng_state(),
         }
         self.hooks.on_save_checkpoint(module=self, checkpoint=checkpoint)
+
+    @staticmethod
+    def _plugin_checkpoint_entry(plugin: Plugin) -> dict[str, Any]:
+        """The plugin's saved entry. Under DDP a plugin with ``rank_local_state`` also stores every
+        rank's state (``rank_states``, rank order): Lightning writes rank zero's checkpoint only, and
+        a resumed rank must continue from its own state. Lightning builds the checkpoint on every
+        rank (``trainer.save_checkpoint`` must be called on all of them), so the gather is safe."""
+        state = plugin.state_dict()
+        entry = {"class_path": plugin.class_path(), "version": plugin.state_version, "state": state}
+        if plugin.rank_local_state and distributed.is_distributed():
+            entry["rank_states"] = distributed.all_gather_object(distributed.to_cpu(state))
+        return entry
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.apply_surgery()  # weights of a modified model only fit a modified model
@@ -377,7 +389,7 @@ class LitplugModule(L.LightningModule):
             )
         for name, entry in saved.items():
             plugin = configured[name]
-            state, version = entry["state"], entry["version"]
+            state, version = _own_rank_state(plugin, entry), entry["version"]
             if version != plugin.state_version:
                 state = plugin.upgrade_state(state, version)
             plugin.load_state_dict(state)
@@ -407,6 +419,23 @@ def _install_first(trainer: L.Trainer, callback: Callback) -> None:
     """Put ``callback`` at the front of ``trainer.callbacks``, replacing one of its type (re-setup)."""
     callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
     callbacks[:] = [callback, *(c for c in callbacks if type(c) is not type(callback))]
+
+
+def _own_rank_state(plugin: Plugin, entry: dict[str, Any]) -> Any:
+    """This rank's saved state: its own from ``rank_states`` when the checkpoint has them."""
+    rank_states = entry.get("rank_states")
+    if not rank_states or not plugin.rank_local_state:
+        return entry["state"]
+    rank, world = distributed.rank(), distributed.world_size()
+    if len(rank_states) != world:
+        warnings.warn(
+            f"plugin '{plugin.name}': the checkpoint holds the per-rank state of {len(rank_states)} "
+            f"processes and this run has {world}; rank {rank} continues from saved rank "
+            f"{rank % len(rank_states)}'s state",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return rank_states[rank % len(rank_states)]
 
 
 def _batch_size(targets: Tensor) -> int:

@@ -10,7 +10,9 @@ A plugin is a small object of hook implementations (methods marked with ``@hooki
 - ``requires``: names of model features (:mod:`litplug.core.features`) the model must have.
 - ``supports_ddp``: whether the plugin is correct under multi-process data parallelism.
 - ``rank_local_state``: under DDP the plugin's state legitimately differs per rank (the DDP
-  callback then skips its cross-rank agreement check); by default state must agree.
+  callback then skips its cross-rank agreement check, the fit-start broadcast leaves it alone, and
+  checkpoints store every rank's state so each rank resumes from its own); by default state must
+  agree.
 - ``stochastic_training``: the plugin draws random numbers while training (noise, sampling,
   random starts), so a multi-process run matches a single-process one in distribution only.
 - ``state_version``: bumped when the layout of ``state_dict()`` changes.

@@ -1,9 +1,11 @@
-"""Runs under ``torchrun --nproc-per-node=2``: one short DDP fit per registered plugin and callback.
+"""Runs under ``torchrun --nproc-per-node=2``: short DDP fits per registered plugin and callback.
 
 Each rank trains with half the single-process batch, so the global batch equals the single-process
 run in tests/test_ddp.py. Rank 0 saves the final weights (or the error) per case to ``OUT_DIR``.
-Launching the two processes once for every case keeps the suite fast: process start and imports
-dominate a short CPU run.
+Then the same 2-process run is stopped after ``KILL_AT`` steps with a checkpoint and resumed from
+it to ``STEPS``; every rank saves its weights and plugin states from both the uninterrupted and the
+resumed run (``<case>-rank<r>.pt``). Launching the two processes once for every case keeps the suite
+fast: process start and imports dominate a short CPU run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,9 +27,11 @@ from helpers import example_run  # noqa: E402
 
 from litplug.callbacks.ddp import DistributedPlugins  # noqa: E402
 from litplug.core.discovery import available_plugins, builtin_callbacks  # noqa: E402
+from litplug.core.distributed import to_cpu  # noqa: E402
 from litplug.core.module import LitplugModule  # noqa: E402
 
 STEPS = 4
+KILL_AT = 2  # mid-epoch
 SINGLE_PROCESS_BATCH = 128
 
 
@@ -47,7 +52,10 @@ def ddp_cases() -> dict[str, tuple[type | None, type | None]]:
 
 
 def build(
-    plugin_cls: type | None, callback_cls: type | None, devices: int
+    plugin_cls: type | None,
+    callback_cls: type | None,
+    devices: int,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[L.Trainer, LitplugModule, L.LightningDataModule]:
     """The same model, data and optimizer for a run on ``devices`` processes (same global batch)."""
     L.seed_everything(0)
@@ -64,6 +72,8 @@ def build(
         callbacks.append(callback_cls.example())
     elif callback_cls is DistributedPlugins:
         callbacks = [DistributedPlugins.example()]
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=KILL_AT, save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -71,7 +81,7 @@ def build(
         max_steps=STEPS,
         limit_val_batches=0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoint_dir is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
@@ -80,19 +90,50 @@ def build(
     return trainer, module, data
 
 
+def snapshot(module: LitplugModule) -> dict[str, object]:
+    """This rank's weights and plugin states, on the CPU."""
+    return {
+        "state": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "plugins": {p.name: to_cpu(p.state_dict()) for p in module.plugins},
+    }
+
+
+def stop_and_resume(
+    plugin_cls: type | None, callback_cls: type | None, checkpoints: Path
+) -> dict[str, object]:
+    """The run stopped with a checkpoint at ``KILL_AT`` (as if killed), then resumed to ``STEPS``."""
+    trainer, module, data = build(plugin_cls, callback_cls, devices=2, checkpoint_dir=checkpoints)
+    trainer.fit_loop.epoch_loop.max_steps = KILL_AT
+    trainer.fit(module, datamodule=data)
+    trainer, module, data = build(plugin_cls, callback_cls, devices=2)
+    trainer.fit(module, datamodule=data, ckpt_path=checkpoints / f"epoch=0-step={KILL_AT}.ckpt")
+    return snapshot(module)
+
+
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     for name, (plugin_cls, callback_cls) in ddp_cases().items():
         result: dict[str, object]
+        per_rank: dict[str, object] = {}
         try:
             trainer, module, data = build(plugin_cls, callback_cls, devices=2)
             trainer.fit(module, datamodule=data)
             result = {"state": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
+            per_rank["uninterrupted"] = snapshot(module)
         except Exception as err:  # recorded per case so one broken plugin does not hide the others
             result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        if "error" not in result:
+            try:
+                per_rank["resumed"] = stop_and_resume(
+                    plugin_cls, callback_cls, out_dir / f"{name}-checkpoints"
+                )
+            except Exception as err:
+                per_rank["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+        rank = int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
+        torch.save(per_rank, out_dir / f"{name}-rank{rank}.pt")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        if int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:
+        if rank == 0:
             torch.save(result, out_dir / f"{name}.pt")
 
 

@@ -193,3 +193,19 @@ class DieOnRankOne(Plugin):
     def litplug_on_train_batch_end(self, batch_idx: int) -> None:
         if batch_idx == 1 and torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
             raise RuntimeError("rank 1 died")
+
+
+def assert_same_state(a: object, b: object, where: str) -> None:
+    """Equal nested plugin state: tensors bit for bit, containers element by element."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

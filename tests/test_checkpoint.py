@@ -117,3 +117,48 @@ def test_plugin_without_state_support_is_not_silently_dropped(tmp_path: Path) ->
 def test_bad_hyperparameter_fails_at_construction_naming_plugin_and_argument() -> None:
     with pytest.raises(PluginConfigError, match=r"plugin 'counter': argument 'weight' must be in \[0, inf\]"):
         CountingPlugin(weight=-1.0)
+
+
+class RankLocal(Plugin):
+    """State that differs per rank by design (like a replay memory of a shard)."""
+
+    name = "rank_local"
+    rank_local_state = True
+
+    def __init__(self) -> None:
+        self.value = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = int(state["value"])
+
+
+def _saved_entry(states: list[int]) -> dict[str, Any]:
+    return {
+        "rank_local": {
+            "class_path": RankLocal.class_path(),
+            "version": 1,
+            "state": {"value": states[0]},
+            "rank_states": [{"value": v} for v in states],
+        }
+    }
+
+
+def test_rank_local_state_saved_by_more_processes_resumes_from_the_matching_rank_with_a_warning() -> None:
+    """Per-rank states (written under DDP, see tests/test_ddp.py for the 2-process round trip): a run
+    with another number of processes continues each rank from saved rank ``rank % saved`` and says so."""
+    module = LitplugModule(nn.Linear(2, 2), plugins=[RankLocal()])
+    with pytest.warns(RuntimeWarning, match=r"'rank_local'.*per-rank state of 2 processes and this run has 1"):
+        module._restore_plugin_states(_saved_entry([7, 9]))
+    assert module.plugins[0].value == 7
+    module._restore_plugin_states(_saved_entry([5]))  # same world size: no warning, its own state
+    assert module.plugins[0].value == 5
+
+
+def test_single_process_checkpoint_of_a_rank_local_plugin_has_no_per_rank_copy(tmp_path: Path) -> None:
+    module = LitplugModule(nn.Linear(2, 2), plugins=[RankLocal()])
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    assert "rank_states" not in checkpoint["litplug"]["plugins"]["rank_local"]

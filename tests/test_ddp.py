@@ -4,6 +4,9 @@
   weights as a 1-process run with batch 2b (atol 1e-5) unless the plugin trains with randomness
   (``stochastic_training``: then the run must finish with the plugin state in agreement across
   ranks, which the DistributedPlugins callback checks). Both ranks run in one torchrun launch.
+- The same 2-process run stopped mid-epoch with a checkpoint and resumed ends, on every rank, with
+  the uninterrupted run's weights and plugin states (rank-local state such as a replay memory is
+  saved per rank).
 - A rank that dies ends a `ddp_spawn` run with an error within a bounded time.
 - A real `litplug fit --trainer.strategy=ddp --trainer.devices=2` subprocess run.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import build, ddp_cases
-from helpers import quiet_trainer
+from helpers import assert_same_state, quiet_trainer
 
 from litplug.core.plugin import Plugin
 
@@ -82,6 +85,22 @@ def test_two_processes_match_one_process(case: str, ddp_results: Path) -> None:
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             continue  # BatchNorm running statistics are per rank (rank zero's are kept)
         torch.testing.assert_close(result["state"][key], value, atol=1e-5, rtol=1e-4, msg=f"{case}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_process_run_resumes_to_the_same_state_on_every_rank(case: str, ddp_results: Path) -> None:
+    plugin_cls, _ = CASES[case]
+    if plugin_cls is not None and not plugin_cls.supports_ddp:
+        pytest.skip(f"{plugin_cls.name} does not support multi-process training")
+    for rank in (0, 1):
+        runs = torch.load(ddp_results / f"{case}-rank{rank}.pt", weights_only=False)
+        assert "error" not in runs, f"rank {rank}: {runs['error']}"
+        assert runs.keys() == {"uninterrupted", "resumed"}, f"rank {rank}: the worker recorded {sorted(runs)}"
+        expected, got = runs["uninterrupted"], runs["resumed"]
+        for key, value in expected["state"].items():
+            assert torch.equal(got["state"][key], value), f"rank {rank}: {key} differs after resume"
+        assert_same_state(expected["plugins"], got["plugins"], f"rank {rank}")
 
 
 @pytest.mark.slow

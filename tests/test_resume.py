@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import example_run, quiet_trainer
+from helpers import assert_same_state, example_run, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from litplug.core.discovery import available_plugins, builtin_callbacks
@@ -89,19 +89,4 @@ def test_killed_run_resumes_to_identical_weights(plugin_cls, callback_cls, tmp_p
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
     for ref_plugin, res_plugin in zip(reference.plugins, resumed.plugins, strict=True):
-        _assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)
-
-
-def _assert_same_state(a: object, b: object, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+        assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)

@@ -31,9 +31,8 @@ class Replay(Plugin):
 
     Under DDP each rank keeps a memory of its own shard (``rank_local_state``: not averaged and not
     in the agreement check): ``memory_size`` and ``replay_batch_size`` are per rank, so the global
-    batch carries ``world_size * replay_batch_size`` replayed samples. Checkpoints hold rank zero's
-    memory only (Lightning saves on rank zero), so after a resume every rank continues from rank
-    zero's memory.
+    batch carries ``world_size * replay_batch_size`` replayed samples. Checkpoints hold every rank's
+    memory (the core gathers rank-local state), so each rank resumes from its own.
 
     Args:
         memory_size: samples kept in total (or per class), >= 1.

@@ -150,7 +150,9 @@ def test_rank_local_state_saved_by_more_processes_resumes_from_the_matching_rank
     """Per-rank states (written under DDP, see tests/test_ddp.py for the 2-process round trip): a run
     with another number of processes continues each rank from saved rank ``rank % saved`` and says so."""
     module = LitplugModule(nn.Linear(2, 2), plugins=[RankLocal()])
-    with pytest.warns(RuntimeWarning, match=r"'rank_local'.*per-rank state of 2 processes and this run has 1"):
+    with pytest.warns(
+        RuntimeWarning, match=r"'rank_local'.*per-rank state of 2 processes and this run has 1"
+    ):
         module._restore_plugin_states(_saved_entry([7, 9]))
     assert module.plugins[0].value == 7
     module._restore_plugin_states(_saved_entry([5]))  # same world size: no warning, its own state

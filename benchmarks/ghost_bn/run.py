@@ -4,7 +4,8 @@
     python benchmarks/ghost_bn/run.py --quick        # smoke run (seconds); does not overwrite RESULTS.md
     python benchmarks/ghost_bn/run.py --speed-only   # speed table only; prints, does not overwrite
 
-Speed: forward + backward of one normalisation layer on fixed activations, the three variants timed
+Speed: forward + backward of one normalisation layer on fixed activations, and one whole training
+step of the MLP and the CNN on real digits (the issue's "step time"); the three variants timed
 round-robin (so machine load hits them alike), medians over repeats, ``--threads`` torch threads
 (default 1: on a shared machine one thread per process is what can be had reliably). Besides the
 ratio of the medians, each round's ``GBN / BN`` ratio (two calls a few microseconds apart) gives a
@@ -128,6 +129,81 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     ratios = [g / p for g, p in zip(samples["ghost"], samples["plain"], strict=True)]
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
     return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["loop"], (q1, q2, q3))
+
+
+def _with_chunk_loops(model: nn.Module, ghost: int) -> nn.Module:
+    """``model`` with every BatchNorm wrapped in the chunk-loop baseline."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, ChunkLoopGhostBatchNorm(child, ghost))
+        else:
+            _with_chunk_loops(child, ghost)
+    return model
+
+
+def _digits_batch(kind: str, batch: int) -> tuple[Tensor, Tensor]:
+    data = DigitsDataModule(batch_size=batch, seed=0, form="flat" if kind == "mlp" else "image")
+    data.setup()
+    x, y = data.datasets["train"].tensors
+    return x[:batch], y[:batch]
+
+
+def _train_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+@dataclass
+class StepRow:
+    kind: str
+    ghost: int
+    plain_ms: float
+    ghost_ms: float
+    loop_ms: float
+
+
+def measure_step_speed(kind: str, ghost: int, repeats: int, batch: int = 512) -> StepRow:
+    """One whole training step (forward, cross-entropy, backward, SGD) on a batch of real digits: the
+    model with plain BatchNorm, with GhostBatchNorm, and with the chunk loop, timed round-robin."""
+    x, y = _digits_batch(kind, batch)
+    torch.manual_seed(0)
+    base = _make_model(kind)
+    models = {
+        "plain": copy.deepcopy(base),
+        "ghost": replace_batchnorms(copy.deepcopy(base), ghost),
+        "loop": _with_chunk_loops(copy.deepcopy(base), ghost),
+    }
+    samples = _time_round_robin({k: _train_step(m, x, y) for k, m in models.items()}, repeats, 1)
+    ms = {name: statistics.median(values) for name, values in samples.items()}
+    return StepRow(kind, ghost, ms["plain"], ms["ghost"], ms["loop"])
+
+
+STEP_CASES: list[tuple[str, int]] = [("cnn", 8), ("cnn", 16), ("cnn", 32), ("cnn", 128)]
+STEP_CASES += [("mlp", 8), ("mlp", 16), ("mlp", 32), ("mlp", 128)]
+STEP_MODELS = {
+    "cnn": "SmallCNN(width=16), [512, 1, 8, 8]",
+    "mlp": "MLP 64-256-256-10 with BN, [512, 64]",
+}
+
+
+def step_table(rows: list[StepRow]) -> list[str]:
+    lines = [
+        "| model, input | ghost g | ghost batches | plain BN ms | GBN ms | chunk loop ms | GBN / BN | loop / GBN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {STEP_MODELS[r.kind]} | {r.ghost} | {512 // r.ghost} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
+            f"{r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
+        )
+    return lines
 
 
 SPEED_CASES: list[tuple[tuple[int, ...], int]] = [
@@ -306,6 +382,16 @@ def main() -> None:
             flush=True,
         )
 
+    step_rows = []
+    for kind, ghost in STEP_CASES:
+        step_rows.append(measure_step_speed(kind, ghost, repeats))
+        r = step_rows[-1]
+        print(
+            f"step {kind} g={ghost}: BN {r.plain_ms:.3f} ms, GBN {r.ghost_ms:.3f} ms "
+            f"({r.ghost_ms / r.plain_ms:.2f}x), loop {r.loop_ms:.3f} ms ({r.loop_ms / r.ghost_ms:.2f}x GBN)",
+            flush=True,
+        )
+
     profile = kernel_profile((512, 256), (128, 32, 16, 8), 5 * repeats)
     for label, fwd_us, bwd_us in profile:
         print(f"kernel {label}: forward {fwd_us:.0f} us, backward {bwd_us:.0f} us", flush=True)
@@ -341,6 +427,15 @@ def main() -> None:
         "just before it; its quartiles show the spread the machine's load caused.",
         "",
         *speed_table(rows),
+        "",
+        "## Speed: a whole training step of a model on digits",
+        "",
+        f"Forward, cross-entropy, backward and SGD step on the first 512 training digits, the same model with "
+        f"plain BatchNorm, with `GhostBatchNorm` (`replace_batchnorms`) and with the chunk loop, alternating "
+        f"step by step, medians of {repeats * 1} steps each. The issue's target (issue 2): step time of a CNN on "
+        "digits at batch 512, ghost 32: <= 1.15x plain BN and >= 2x faster than the loop.",
+        "",
+        *step_table(step_rows),
         "",
         "### Where the time goes on [512, 256]: torch's batch-norm kernels alone",
         "",

@@ -33,7 +33,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -323,7 +323,7 @@ class ContinualLearning(Callback):
     ) -> None:
         if eval_split not in ("test", "val"):
             raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
-        self.eval_split = eval_split
+        self.eval_split: Literal["test", "val"] = "test" if eval_split == "test" else "val"
         self.results_file = results_file
         self.heatmap = heatmap
         self.verbose = verbose

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 IGNORE_INDEX = -100
@@ -68,6 +68,6 @@ class ClassificationMetrics(nn.Module):
         self.nll.update(nll(log_probs, targets), weight=targets.numel())
         self.brier.update(brier_score(probs, targets), weight=targets.numel())
 
-    def metrics(self) -> dict[str, object]:
+    def metrics(self) -> dict[str, Metric]:
         """The metric objects, for ``LightningModule.log`` to compute, sync and reset per epoch."""
         return {**dict(self.collection.items()), "nll": self.nll, "brier": self.brier}

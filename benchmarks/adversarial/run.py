@@ -301,7 +301,7 @@ def write_report(
         + ("; rows `_glr2e-3`: the same with generator lr 2e-3." if args.extra else "."),
         f"- Evaluation on the test split (270 images): FGSM; PGD-20 (CE, step 2.5 eps/20, random start); "
         f"margin (CW) PGD-20 with {restarts} restart(s). Attacks in eval mode, inputs clipped to [0, 1].",
-        "- The machine is shared with other jobs: absolute times are inflated and noisy; compare ratios.",
+        "- Absolute times depend on the machine's load (above); compare ratios.",
         "",
         "## Accuracy (clean and robust) per test epsilon",
         "",

@@ -421,8 +421,9 @@ def write_results(
         f"Command: `python benchmarks/continual/run.py {' '.join(args.argv)}`".replace(" `", " `").rstrip(),
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; total {seconds / 60:.1f} min.",
-        "The machine is shared with other jobs (load well above its 2 cores): absolute times are inflated",
-        "and noisy; the speed ratios come from interleaved repeats in one run (medians).",
+        f"Load average (1 / 5 / 15 min) at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())} on "
+        f"{os.cpu_count()} CPUs: absolute times depend on it; the speed ratios come from interleaved repeats "
+        "in one run (medians).",
         "",
         f"Setup: MLP 64-128-128-10, plain SGD lr 0.1, batch 32, {args.tasks} tasks, "
         f"{args.epochs} epochs per task, seeds {args.seeds}. Permuted-Digits is domain-incremental "

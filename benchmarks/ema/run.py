@@ -108,8 +108,8 @@ Command: `python benchmarks/ema/run.py` ({date.today().isoformat()}, torch {torc
 MLP 64-256-256-10 (dropout 0.1), Adam lr 3e-3 (deliberately large, so the weights are noisy at the
 end), batch 64, {epochs} epochs, EMA decay {decay} with warmup; seeds {list(seeds)}, mean ± std.
 One training per seed, tested with the EMA weights and with the live weights (paired).
-Shifted sets: `core/data/shifted.py`, severity 3. The machine was shared with other jobs
-(timings are not reported here; EMA adds one fused lerp per step).
+Shifted sets: `core/data/shifted.py`, severity 3. Timings are not reported here (EMA adds one fused
+lerp per step).
 
 {report}
 """

@@ -18,6 +18,7 @@ benchmark time to the sequential time is the CPU target (<= 1.0).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -175,8 +176,8 @@ Times are per iteration, medians of {repeats} interleaved repeats of {iterations
 `train` = forward + backward of the summed member loss + Adam step; `eval` = forward under no_grad.
 `auto picks` is the path `DeepEnsemble(path="auto")` chose with its own quick measurement at the
 start of this setting; `auto/seq` is that path's benchmark time over the sequential time (CPU target
-<= 1.0). The machine is shared with other jobs, so absolute times are inflated and noisy; ratios are
-measured side by side.
+<= 1.0). Load average (1 / 5 / 15 min) when this was written: {" / ".join(f"{v:.1f}" for v in os.getloadavg())}
+on {os.cpu_count()} CPUs: absolute times depend on it; ratios are measured side by side.
 
 {report}
 

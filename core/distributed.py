@@ -69,6 +69,8 @@ def to_cpu(state: Any) -> Any:
         return state.detach().cpu()
     if isinstance(state, dict):
         return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a namedtuple takes fields, not an iterable
+        return type(state)(*(to_cpu(value) for value in state))
     if isinstance(state, (list, tuple)):
         return type(state)(to_cpu(value) for value in state)
     return state

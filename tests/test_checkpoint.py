@@ -164,3 +164,17 @@ def test_single_process_checkpoint_of_a_rank_local_plugin_has_no_per_rank_copy(t
     checkpoint: dict[str, Any] = {}
     module.on_save_checkpoint(checkpoint)
     assert "rank_states" not in checkpoint["litplug"]["plugins"]["rank_local"]
+
+
+def test_rank_local_state_is_moved_to_the_cpu_for_the_gather_keeping_containers() -> None:
+    from collections import namedtuple
+
+    from litplug.core.distributed import all_gather_object, to_cpu
+
+    Pair = namedtuple("Pair", "first second")
+    state = {"memory": [torch.ones(2), (3, "x")], "pair": Pair(torch.zeros(1), 4)}
+    moved = to_cpu(state)
+    assert isinstance(moved["pair"], Pair) and moved["pair"].second == 4
+    assert isinstance(moved["memory"][1], tuple) and moved["memory"][1] == (3, "x")
+    assert all(t.device.type == "cpu" for t in (moved["memory"][0], moved["pair"].first))
+    assert all_gather_object(moved) == [moved]  # one process: its own state only

@@ -260,6 +260,55 @@ def kernel_profile(
     ]
 
 
+class MethodsRecipeGhostBatchNorm(nn.Module):
+    """METHODS.md's measured recipe, for comparison: contiguous ghost chunks ``[m, g, C, ...]``
+    transposed (a copy) to ``[g, m * C, ...]``, one ``F.batch_norm`` without affine, transposed back,
+    then the affine parameters applied by broadcasting (running statistics not updated: timing only)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, ghost_batch_size: int) -> None:
+        super().__init__()
+        self.bn = bn
+        self.ghost_batch_size = ghost_batch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        ghosts, rest = x.shape[0] // self.ghost_batch_size, x.shape[2:]
+        chunks = x.reshape(ghosts, self.ghost_batch_size, *x.shape[1:]).transpose(0, 1)
+        folded = chunks.reshape(self.ghost_batch_size, ghosts * x.shape[1], *rest)
+        normed = F.batch_norm(folded, None, None, None, None, True, 0.0, self.bn.eps)
+        unfolded = (
+            normed.reshape(self.ghost_batch_size, ghosts, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        )
+        shape = (1, -1) + (1,) * len(rest)
+        return unfolded * self.bn.weight.reshape(shape) + self.bn.bias.reshape(shape)
+
+
+def measure_methods_recipe(shape: tuple[int, ...], ghost: int, repeats: int) -> tuple[float, float, float]:
+    """Milliseconds (plain BN, this plugin's GhostBatchNorm, METHODS.md's recipe), round-robin."""
+    torch.manual_seed(0)
+    bn = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1])
+    x, grad_out = torch.randn(shape).requires_grad_(True), torch.randn(shape)
+    layers = {
+        "plain": copy.deepcopy(bn),
+        "ghost": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost),
+        "recipe": MethodsRecipeGhostBatchNorm(copy.deepcopy(bn), ghost),
+    }
+    inner = max(1, int(1_000_000 // math.prod(shape)))
+    samples = _time_round_robin({k: _fwd_bwd(v, x, grad_out) for k, v in layers.items()}, repeats, inner)
+    return (
+        statistics.median(samples["plain"]),
+        statistics.median(samples["ghost"]),
+        statistics.median(samples["recipe"]),
+    )
+
+
+RECIPE_CASES: list[tuple[tuple[int, ...], int]] = [
+    ((512, 32, 8, 8), 32),
+    ((512, 256), 8),
+    ((512, 256), 32),
+    ((512, 256), 128),
+]
+
+
 # -- effect ---------------------------------------------------------------------------------------
 
 
@@ -385,11 +434,20 @@ def main() -> None:
     step_rows = []
     for kind, ghost in STEP_CASES:
         step_rows.append(measure_step_speed(kind, ghost, repeats))
-        r = step_rows[-1]
+        step = step_rows[-1]
         print(
-            f"step {kind} g={ghost}: BN {r.plain_ms:.3f} ms, GBN {r.ghost_ms:.3f} ms "
-            f"({r.ghost_ms / r.plain_ms:.2f}x), loop {r.loop_ms:.3f} ms ({r.loop_ms / r.ghost_ms:.2f}x GBN)",
+            f"step {kind} g={ghost}: BN {step.plain_ms:.3f} ms, GBN {step.ghost_ms:.3f} ms "
+            f"({step.ghost_ms / step.plain_ms:.2f}x), loop {step.loop_ms:.3f} ms "
+            f"({step.loop_ms / step.ghost_ms:.2f}x GBN)",
             flush=True,
+        )
+
+    recipe_rows = [
+        (shape, ghost, *measure_methods_recipe(shape, ghost, repeats)) for shape, ghost in RECIPE_CASES
+    ]
+    for shape, ghost, plain, ghost_ms, recipe in recipe_rows:
+        print(
+            f"recipe {list(shape)} g={ghost}: GBN {ghost_ms / plain:.2f}x BN, METHODS recipe {recipe / plain:.2f}x BN"
         )
 
     profile = kernel_profile((512, 256), (128, 32, 16, 8), 5 * repeats)
@@ -415,8 +473,8 @@ def main() -> None:
         f"- torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; torch threads: {torch.get_num_threads()}",
         f"- Machine load average (1 / 5 / 15 min) before: {_load(load_before)}; after the speed part: "
-        f"{_load(load_speed)}; at the end: {_load(load_after)}; {os.cpu_count()} CPUs (other jobs "
-        "shared the machine; the round-robin timing spreads that load over all three variants alike)",
+        f"{_load(load_speed)}; at the end: {_load(load_after)}; {os.cpu_count()} CPUs (the round-robin "
+        "timing spreads any load over all three variants alike)",
         "",
         "## Speed: one normalisation layer, forward + backward",
         "",
@@ -436,6 +494,20 @@ def main() -> None:
         "digits at batch 512, ghost 32: <= 1.15x plain BN and >= 2x faster than the loop.",
         "",
         *step_table(step_rows),
+        "",
+        "### METHODS.md's recipe, measured here",
+        "",
+        "METHODS.md reports 1.24-1.47x plain BN 'in every shape' for folding contiguous ghost chunks into "
+        "channels with a transpose, one `F.batch_norm` without affine, and the affine applied afterwards. "
+        f"The same recipe (`MethodsRecipeGhostBatchNorm` in this script), forward + backward, medians of "
+        f">= {repeats} round-robin calls:",
+        "",
+        "| activation | ghost g | plain BN ms | GhostBatchNorm / BN | METHODS.md recipe / BN |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {list(shape)} | {ghost} | {plain:.3f} | {ghost_ms / plain:.2f}x | {recipe / plain:.2f}x |"
+            for shape, ghost, plain, ghost_ms, recipe in recipe_rows
+        ],
         "",
         "### Where the time goes on [512, 256]: torch's batch-norm kernels alone",
         "",

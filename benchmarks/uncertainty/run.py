@@ -551,8 +551,8 @@ def header_lines(args: argparse.Namespace, title: str, elapsed: float, widths: s
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"{args.threads} thread(s); wall time {elapsed / 60:.1f} min; load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
-        "- The machine is a shared 2-core VM with other jobs running: absolute times are inflated and noisy;",
-        "  only the side-by-side ratios (interleaved repeats, medians) mean something.",
+        "- Absolute times depend on the machine's load (above); the side-by-side ratios (interleaved",
+        "  repeats, medians) are what to compare.",
         f"- Model: SmallCNN width {widths} (stem conv -> strided conv -> pool -> head) on 8x8 digits "
         f"(form=image, unit scale), Adam lr {args.lr}{' with cosine decay to 0' if args.cosine else ''}, "
         f"batch {args.batch_size}, {args.epochs} epochs, seeds 0..{args.seeds - 1} (seed = split + init + order). "

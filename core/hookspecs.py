@@ -251,7 +251,9 @@ def litplug_on_save_checkpoint(module: LightningModule, checkpoint: dict[str, An
     """A checkpoint is being written, after every plugin's ``state_dict()`` was stored in it.
 
     For plugins that need raw access to the checkpoint; plain state belongs in ``state_dict()``.
-    Results: collected. Ranks: all (Lightning writes the file on rank zero only).
+    Results: collected. Ranks: all (Lightning writes the file on rank zero only, so what a rank
+    other than zero adds here is lost; a plugin whose ``state_dict()`` differs per rank declares
+    ``rank_local_state`` and the core stores every rank's copy).
     """
 
 

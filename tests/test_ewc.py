@@ -645,6 +645,28 @@ def test_gradient_injection_follows_a_new_optimizer_and_a_new_task() -> None:
         assert grad is not None and float(grad.abs().max()) < 1e-6
 
 
+def test_gradient_injection_in_half_precision_takes_the_exact_form() -> None:
+    """bfloat16 parameters near their anchor: ``G * theta - G * center`` would carry rounding noise
+    of ~eps * |G * theta| (eps = 2^-8), many times the penalty's gradient ``G * (theta - center)``
+    itself here; the exact form is within one bfloat16 rounding of the float64 value."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1.0 + 0.5 * torch.rand(p.shape))
+    plugin = EWC(ewc_lambda=50.0)
+    plugin.anchors = [{n: (p.detach().float() + 0.02).bfloat16() for n, p in model.named_parameters()}]
+    plugin.fishers = [{n: 1.0 + 10 * torch.rand(p.shape) for n, p in model.named_parameters()}]
+    plugin.tasks = [0]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    plugin.add_penalty_gradient(model)
+    for name, p in model.named_parameters():
+        scaled_fisher = (50.0 * plugin.fishers[0][name]).bfloat16().double()
+        expected = scaled_fisher * (p.detach().double() - plugin.anchors[0][name].double())
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-2, atol=0.0, msg=name)
+
+
 def test_the_logged_term_is_the_penalty_value_in_both_modes() -> None:
     torch.manual_seed(0)
     model = MLP(8, [6], 3)

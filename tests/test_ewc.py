@@ -65,6 +65,53 @@ def test_fisher_equals_the_per_sample_loop(model_name: str, estimator: str, meth
     assert sum(f.sum() for f in got.values()) > 0
 
 
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_merging_loader_batches_leaves_the_fisher_unchanged(estimator: str) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(width=4)
+    batches = _batches((1, 8, 8), n=40, batch=6)
+    merged = fisher_diagonal(model, batches, estimator, batch_size=16)  # type: ignore[arg-type]
+    unmerged = fisher_diagonal(model, batches, estimator, batch_size=None)  # type: ignore[arg-type]
+    for name in unmerged:
+        torch.testing.assert_close(merged[name], unmerged[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_batched_estimator_keeps_the_loaders_batches() -> None:
+    """Its value is per loader batch (square of the batch's mean gradient), so no merging."""
+    torch.manual_seed(0)
+    model = MLP(64, [16], 10)
+    batches = _batches((64,), n=40, batch=8)
+    kept = fisher_diagonal(model, batches, "batched", batch_size=None)
+    default = fisher_diagonal(model, batches, "batched")
+    one_batch = fisher_diagonal(
+        model, [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))], "batched"
+    )
+    for name in kept:
+        torch.testing.assert_close(default[name], kept[name], msg=name)
+    assert any(not torch.allclose(one_batch[n], kept[n]) for n in kept)
+
+
+def test_sample_batches_merge_up_to_the_size_stop_at_num_samples_and_keep_shapes_apart() -> None:
+    from litplug.plugins.ewc.functional import _take_samples
+
+    def batch(n: int, width: int, value: float) -> tuple[Tensor, Tensor]:
+        return torch.full((n, width), value), torch.full((n,), value)
+
+    loader = [batch(3, 5, 0.0), batch(3, 5, 1.0), batch(3, 7, 2.0), batch(3, 7, 3.0), batch(3, 7, 4.0)]
+    cpu = torch.device("cpu")
+    merged = list(_take_samples(loader, 10, cpu, merge_to=4))
+    # 3 + 3 merged; the width change flushes; 3 + the first 1 of the next (10 samples in all)
+    assert [tuple(x.shape) for x, _ in merged] == [(6, 5), (4, 7)]
+    assert merged[1][1].tolist() == [2.0, 2.0, 2.0, 3.0]
+    assert [tuple(x.shape) for x, _ in _take_samples(loader, None, cpu)] == [
+        (3, 5),
+        (3, 5),
+        (3, 7),
+        (3, 7),
+        (3, 7),
+    ]
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -357,6 +404,8 @@ def test_plugin_separate_mode_penalises_every_task_anchor() -> None:
         ({"estimator": "fisherish"}, "estimator"),
         ({"mode": "both"}, "mode"),
         ({"method": "loop"}, "method"),
+        ({"fisher_batch_size": 0}, "fisher_batch_size"),
+        ({"fisher_batch_size": 2.5}, "fisher_batch_size"),
     ],
 )
 def test_bad_arguments_name_the_plugin_and_argument(kwargs: dict[str, Any], argument: str) -> None:

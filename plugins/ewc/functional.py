@@ -66,18 +66,50 @@ Batch = tuple[Tensor, Tensor]
 # ---------------------------------------------------------------------------------------------------
 
 
-def _take_samples(batches: Iterable[Any], num_samples: int | None, device: torch.device) -> Iterator[Batch]:
-    """Yield ``(inputs, targets)`` batches on ``device`` until ``num_samples`` samples (``None``: all)."""
+def _take_samples(
+    batches: Iterable[Any], num_samples: int | None, device: torch.device, merge_to: int | None = None
+) -> Iterator[Batch]:
+    """Yield ``(inputs, targets)`` batches on ``device`` until ``num_samples`` samples (``None``: all).
+
+    With ``merge_to``, consecutive loader batches are concatenated until a yielded batch holds at
+    least ``merge_to`` samples (or the data ends, or the next batch's inputs have another shape per
+    sample): the per-batch cost of a Fisher pass (a forward, backwards, small ops) is paid fewer times.
+    A task loader with the training batch of 32 made the closed-form Fisher 1.8x (MLP) and 1.4x (CNN)
+    slower than batches of 128.
+    """
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1 (or None for all), got {num_samples}")
+    if merge_to is not None and merge_to < 1:
+        raise ValueError(f"merge_to must be >= 1 (or None: the loader's batches), got {merge_to}")
     remaining = math.inf if num_samples is None else num_samples
+    pending: list[Batch] = []
     for batch in batches:
         if remaining <= 0:
-            return
+            break
         inputs, targets = batch[0], batch[1]
         take = int(min(remaining, targets.shape[0]))
         remaining -= take
-        yield inputs[:take].to(device), targets[:take].to(device)
+        if pending and pending[0][0].shape[1:] != inputs.shape[1:]:
+            yield _concatenated(pending, device)
+            pending = []
+        pending.append((inputs[:take], targets[:take]))
+        if merge_to is None or sum(int(t.shape[0]) for _, t in pending) >= merge_to:
+            yield _concatenated(pending, device)
+            pending = []
+    if pending:
+        yield _concatenated(pending, device)
+
+
+def _concatenated(batches: list[Batch], device: torch.device) -> Batch:
+    if len(batches) == 1:
+        return batches[0][0].to(device), batches[0][1].to(device)
+    return torch.cat([x for x, _ in batches]).to(device), torch.cat([y for _, y in batches]).to(device)
+
+
+def _merge_to(estimator: str, batch_size: int | None) -> int | None:
+    """Samples per merged Fisher batch: the ``"batched"`` estimator's value depends on the loader's
+    batches (the square of each batch's mean gradient), so it keeps them."""
+    return None if estimator == "batched" else batch_size
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -145,17 +177,21 @@ def fisher_diagonal_loop(
     estimator: Estimator = "empirical",
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    batch_size: int | None = 128,
 ) -> FisherDict:
     """Diagonal Fisher by one backward per sample (and per class for ``"exact"``): slow, obviously right.
 
-    Labels for ``"sampled"`` are drawn per batch exactly as in :func:`fisher_diagonal`, so both give
-    the same numbers for the same generator seed.
+    Batches are merged as in :func:`fisher_diagonal` (same ``batch_size``) and labels for
+    ``"sampled"`` drawn per merged batch exactly as there, so both give the same numbers for the
+    same generator seed.
     """
     params = trainable_parameters(model)
     fisher = _zeros_like(params)
     count = 0
     with _EvalMode(model):
-        for inputs, targets in _take_samples(batches, num_samples, _device(model)):
+        for inputs, targets in _take_samples(
+            batches, num_samples, _device(model), _merge_to(estimator, batch_size)
+        ):
             with torch.no_grad():
                 log_probs = F.log_softmax(model(inputs), dim=-1)
             pairs = label_weights(log_probs, targets, estimator, generator)
@@ -427,6 +463,7 @@ def fisher_diagonal(
     generator: torch.Generator | None = None,
     method: Method = "auto",
     chunk_size: int = 64,
+    batch_size: int | None = 128,
 ) -> FisherDict:
     """Diagonal Fisher of ``model``'s trainable parameters, by name (float32, on the model's device).
 
@@ -439,6 +476,10 @@ def fisher_diagonal(
             stream untouched and makes the estimate reproducible).
         method: ``"auto"``, ``"fast"`` (Linear/Conv2d/BatchNorm only) or ``"vmap"`` (module docstring).
         chunk_size: samples per vmap call (bounds memory).
+        batch_size: consecutive batches of ``batches`` are merged into forward/backward passes of at
+            least this many samples (fewer, larger passes are faster; lower it if the Fisher pass
+            runs out of memory); ``None`` keeps the loader's batches. The ``"batched"`` estimator
+            always keeps them (its value depends on the batch).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -462,7 +503,8 @@ def fisher_diagonal(
             f"method 'fast' covers Linear, Conv2d and eval-mode BatchNorm parameters only; not covered: {rest}"
         )
     with _EvalMode(model):
-        for inputs, targets in _take_samples(batches, num_samples, _device(model)):
+        merge_to = _merge_to(estimator, batch_size)
+        for inputs, targets in _take_samples(batches, num_samples, _device(model), merge_to):
             if estimator == "batched":
                 batch_fisher = _batch_mean_gradient_squared(model, params, inputs, targets)
                 for name in fisher:

@@ -71,6 +71,10 @@ class EWC(Plugin):
         num_samples: samples of the task's training data used for the Fisher (>= 1); ``None``: all.
         method: per-sample gradient engine: ``"auto"`` (closed form for Linear/Conv2d, torch.func
             for the rest), ``"fast"`` or ``"vmap"``.
+        fisher_batch_size: the task loader's batches are merged into Fisher passes of at least this
+            many samples (>= 1; fewer, larger passes are faster: with the training batch of 32 the
+            closed form was 1.4-1.8x slower); lower it if the Fisher pass runs out of memory;
+            ``None`` keeps the loader's batches.
         seed: seed of the private generator that draws labels for ``estimator="sampled"`` (task
             ``t`` uses ``seed + t``), so the training random stream is untouched.
         penalty_via: ``"gradient"`` (default) adds the penalty's closed-form gradient
@@ -107,6 +111,7 @@ class EWC(Plugin):
         method: str = "auto",
         seed: int = 0,
         penalty_via: str = "gradient",
+        fisher_batch_size: int | None = 128,
     ) -> None:
         self.check_range("ewc_lambda", ewc_lambda, low=0.0)
         self.check_choice("mode", mode, MODES)
@@ -121,6 +126,14 @@ class EWC(Plugin):
         self.check_choice("method", method, METHODS)
         self.check(isinstance(seed, int) and seed >= 0, "seed", f"must be an integer >= 0, got {seed!r}")
         self.check_choice("penalty_via", penalty_via, PENALTY_VIA)
+        if fisher_batch_size is not None:
+            self.check(
+                isinstance(fisher_batch_size, int)
+                and not isinstance(fisher_batch_size, bool)
+                and fisher_batch_size >= 1,
+                "fisher_batch_size",
+                f"must be an integer >= 1 or None (the loader's batches), got {fisher_batch_size!r}",
+            )
         self.ewc_lambda = ewc_lambda
         self.mode = mode
         self.gamma = gamma
@@ -129,6 +142,7 @@ class EWC(Plugin):
         self.method = method
         self.seed = seed
         self.penalty_via = penalty_via
+        self.fisher_batch_size = fisher_batch_size
         self.tasks: list[int] = []
         self.anchors: list[FisherDict] = []
         self.fishers: list[FisherDict] = []
@@ -154,6 +168,7 @@ class EWC(Plugin):
             num_samples=self.num_samples,
             generator=generator,
             method=self.method,  # type: ignore[arg-type]
+            batch_size=self.fisher_batch_size,
         )
         return _average_across_ranks(fisher)
 

@@ -399,6 +399,13 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
     return lines
 
 
+def _timing_summary(row: SpeedRow | StepRow) -> str:
+    return (
+        f"BN {row.plain_ms:.3f} ms, GBN {row.ghost_ms:.3f} ms ({row.ghost_ms / row.plain_ms:.2f}x), "
+        f"loop {row.loop_ms:.3f} ms ({row.loop_ms / row.ghost_ms:.2f}x GBN)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few repeats, 1 seed, 2 epochs")
@@ -423,24 +430,16 @@ def main() -> None:
     rows = []
     for shape, ghost in SPEED_CASES:
         rows.append(measure_speed(shape, ghost, repeats))
-        r = rows[-1]
+        q1, q2, q3 = rows[-1].paired
         print(
-            f"{list(shape)} g={ghost}: BN {r.plain_ms:.3f} ms, GBN {r.ghost_ms:.3f} ms "
-            f"({r.ghost_ms / r.plain_ms:.2f}x; paired {r.paired[1]:.2f}x [{r.paired[0]:.2f}, {r.paired[2]:.2f}]), "
-            f"loop {r.loop_ms:.3f} ms ({r.loop_ms / r.ghost_ms:.2f}x GBN)",
+            f"{list(shape)} g={ghost}: {_timing_summary(rows[-1])}; paired {q2:.2f}x [{q1:.2f}, {q3:.2f}]",
             flush=True,
         )
 
     step_rows = []
     for kind, ghost in STEP_CASES:
         step_rows.append(measure_step_speed(kind, ghost, repeats))
-        step = step_rows[-1]
-        print(
-            f"step {kind} g={ghost}: BN {step.plain_ms:.3f} ms, GBN {step.ghost_ms:.3f} ms "
-            f"({step.ghost_ms / step.plain_ms:.2f}x), loop {step.loop_ms:.3f} ms "
-            f"({step.loop_ms / step.ghost_ms:.2f}x GBN)",
-            flush=True,
-        )
+        print(f"step {kind} g={ghost}: {_timing_summary(step_rows[-1])}", flush=True)
 
     recipe_rows = [
         (shape, ghost, *measure_methods_recipe(shape, ghost, repeats)) for shape, ghost in RECIPE_CASES

@@ -23,6 +23,7 @@ import datetime as dt
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from litplug.core.data import DigitsDataModule
 from litplug.core.models import MLP, SmallCNN
-from litplug.plugins.ghost_bn import GhostBatchNorm, replace_batchnorms
+from litplug.plugins.ghost_bn import GhostBatchNorm, compiled, replace_batchnorms
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,14 +85,21 @@ def _time_round_robin(
     """Milliseconds of every call of each step, in round order.
 
     The variants alternate call by call (``repeats * inner`` calls each), so a burst of load from
-    other processes hits all of them alike instead of one variant's block of calls.
+    other processes hits all of them alike instead of one variant's block of calls. Each round runs
+    them in a fresh random order (seeded): a call's time depends on what ran just before it (which
+    data the previous call left in cache, which blocks it freed), and a fixed order would always
+    put the same variant after the same neighbour (measured: GBN right after plain BN cost up to
+    1.3x what it cost after another GBN call, on [512, 256]).
     """
     for step in steps.values():  # warm-up (allocator, thread pool)
         for _ in range(3):
             step()
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps.items())
+    shuffler = random.Random(0)
     for _ in range(repeats * inner):
-        for name, step in steps.items():
+        shuffler.shuffle(order)
+        for name, step in order:
             start = time.perf_counter()
             step()
             samples[name].append((time.perf_counter() - start) * 1e3)
@@ -103,6 +112,7 @@ class SpeedRow:
     ghost: int
     plain_ms: float
     ghost_ms: float
+    torch_ops_ms: float
     loop_ms: float
     paired: tuple[float, float, float]  # quartiles of the per-round GBN / BN ratio
 
@@ -120,6 +130,7 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     layers = {
         "plain": copy.deepcopy(bn),
         "ghost": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost),
+        "torch_ops": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost, use_kernel=False),
         "loop": ChunkLoopGhostBatchNorm(copy.deepcopy(bn), ghost),
     }
     numel = math.prod(shape)
@@ -128,7 +139,7 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     ms = {name: statistics.median(values) for name, values in samples.items()}
     ratios = [g / p for g, p in zip(samples["ghost"], samples["plain"], strict=True)]
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
-    return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["loop"], (q1, q2, q3))
+    return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"], (q1, q2, q3))
 
 
 def _with_chunk_loops(model: nn.Module, ghost: int) -> nn.Module:
@@ -166,7 +177,15 @@ class StepRow:
     ghost: int
     plain_ms: float
     ghost_ms: float
+    torch_ops_ms: float
     loop_ms: float
+
+
+def _without_kernel(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, GhostBatchNorm):
+            module.use_kernel = False
+    return model
 
 
 def measure_step_speed(kind: str, ghost: int, repeats: int, batch: int = 512) -> StepRow:
@@ -178,11 +197,12 @@ def measure_step_speed(kind: str, ghost: int, repeats: int, batch: int = 512) ->
     models = {
         "plain": copy.deepcopy(base),
         "ghost": replace_batchnorms(copy.deepcopy(base), ghost),
+        "torch_ops": _without_kernel(replace_batchnorms(copy.deepcopy(base), ghost)),
         "loop": _with_chunk_loops(copy.deepcopy(base), ghost),
     }
     samples = _time_round_robin({k: _train_step(m, x, y) for k, m in models.items()}, repeats, 1)
     ms = {name: statistics.median(values) for name, values in samples.items()}
-    return StepRow(kind, ghost, ms["plain"], ms["ghost"], ms["loop"])
+    return StepRow(kind, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"])
 
 
 STEP_CASES: list[tuple[str, int]] = [("cnn", 8), ("cnn", 16), ("cnn", 32), ("cnn", 128)]
@@ -195,13 +215,15 @@ STEP_MODELS = {
 
 def step_table(rows: list[StepRow]) -> list[str]:
     lines = [
-        "| model, input | ghost g | ghost batches | plain BN ms | GBN ms | chunk loop ms | GBN / BN | loop / GBN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model, input | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
+        "| GBN / BN | torch ops / BN | loop / GBN |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {STEP_MODELS[r.kind]} | {r.ghost} | {512 // r.ghost} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
-            f"{r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
+            f"{r.torch_ops_ms:.3f} | {r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | "
+            f"{r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
         )
     return lines
 
@@ -240,7 +262,7 @@ def kernel_profile(
         _, save_mean, save_invstd = torch.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, 0.1, 1e-5
         )
-        label = f"[{rows_}, {cols}]" + (" (plain BN)" if ghost == batch else f" (g = {ghost})")
+        label = f"torch [{rows_}, {cols}]" + (" (plain BN)" if ghost == batch else f" (folded, g = {ghost})")
         steps[f"{label} fwd"] = partial(
             torch.native_batch_norm, x, weight, bias, running_mean, running_var, True, 0.1, 1e-5
         )
@@ -248,6 +270,9 @@ def kernel_profile(
             torch.ops.aten.native_batch_norm_backward,
             *(grad_out, x, weight, None, None, save_mean, save_invstd, True, 1e-5, [True] * 3),
         )
+    lib = compiled.load_kernel()
+    for ghost in ghosts if lib is not None else ():
+        steps.update(_compiled_kernel_steps(lib, shape, ghost))
     samples = _time_round_robin(steps, rounds, 1)
     labels = list(dict.fromkeys(name.rsplit(" ", 1)[0] for name in steps))
     return [
@@ -258,6 +283,35 @@ def kernel_profile(
         )
         for label in labels
     ]
+
+
+def _compiled_kernel_steps(lib: Any, shape: tuple[int, int], ghost: int) -> dict[str, Callable[[], object]]:
+    """The compiled kernel's forward and backward on ``[B, C]`` in ghosts of ``ghost``, called directly."""
+    batch, channels = shape
+    num_ghosts = batch // ghost
+    torch.manual_seed(0)
+    x, grad_out, out, grad_x = (torch.randn(shape) for _ in range(4))
+    weight, bias = torch.randn(channels), torch.randn(channels)
+    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+    grad_w, grad_b = torch.empty(channels), torch.empty(channels)
+    stats, sums = torch.empty(3 * num_ghosts * channels), torch.empty(2 * num_ghosts * channels)
+
+    def forward() -> int:  # the closures keep the tensors alive (the kernel gets raw pointers)
+        return lib.litplug_gbn_forward(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), stats.data_ptr(),
+            running_mean.data_ptr(), running_var.data_ptr(), batch, channels, 1, num_ghosts, 1e-5, 0.1,
+        )  # fmt: skip
+
+    def backward() -> int:
+        return lib.litplug_gbn_backward(
+            grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), stats.data_ptr(), grad_x.data_ptr(),
+            grad_w.data_ptr(), grad_b.data_ptr(), sums.data_ptr(), batch, channels, 1, num_ghosts,
+        )  # fmt: skip
+
+    forward()
+
+    label = f"{list(shape)} in ghosts of {ghost}, compiled kernel (kernel.c)"
+    return {f"{label} fwd": forward, f"{label} bwd": backward}
 
 
 class MethodsRecipeGhostBatchNorm(nn.Module):
@@ -385,16 +439,16 @@ def _load(avg: tuple[float, float, float]) -> str:
 
 def speed_table(rows: list[SpeedRow]) -> list[str]:
     lines = [
-        "| activation | ghost g | ghost batches | plain BN ms | vectorised GBN ms | chunk loop ms "
-        "| GBN / BN | paired GBN / BN: median [quartiles] | loop / GBN |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| activation | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
+        "| GBN / BN | paired GBN / BN: median [quartiles] | torch ops / BN | loop / GBN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q1, q2, q3 = r.paired
         lines.append(
             f"| {list(r.shape)} | {r.ghost} | {r.num_ghosts} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
-            f"{r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | {q2:.2f}x [{q1:.2f}, {q3:.2f}] | "
-            f"{r.loop_ms / r.ghost_ms:.2f}x |"
+            f"{r.torch_ops_ms:.3f} | {r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | "
+            f"{q2:.2f}x [{q1:.2f}, {q3:.2f}] | {r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
         )
     return lines
 
@@ -402,8 +456,16 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
 def _timing_summary(row: SpeedRow | StepRow) -> str:
     return (
         f"BN {row.plain_ms:.3f} ms, GBN {row.ghost_ms:.3f} ms ({row.ghost_ms / row.plain_ms:.2f}x), "
-        f"loop {row.loop_ms:.3f} ms ({row.loop_ms / row.ghost_ms:.2f}x GBN)"
+        f"torch ops {row.torch_ops_ms / row.plain_ms:.2f}x, loop {row.loop_ms:.3f} ms "
+        f"({row.loop_ms / row.ghost_ms:.2f}x GBN)"
     )
+
+
+def _kernel_status() -> str:
+    lib = compiled.load_kernel()
+    if lib is None:
+        return "UNAVAILABLE: every GBN column below is the torch-ops path"
+    return f"compiled `{Path(lib._name).name}` from `plugins/ghost_bn/kernel.c`"
 
 
 def main() -> None:
@@ -471,15 +533,17 @@ def main() -> None:
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC; wall time {elapsed:.0f} s",
         f"- torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; torch threads: {torch.get_num_threads()}",
+        f"- Ghost kernel: {_kernel_status()}",
         f"- Machine load average (1 / 5 / 15 min) before: {_load(load_before)}; after the speed part: "
         f"{_load(load_speed)}; at the end: {_load(load_after)}; {os.cpu_count()} CPUs (the round-robin "
-        "timing spreads any load over all three variants alike)",
+        "timing spreads any load over all variants alike)",
         "",
         "## Speed: one normalisation layer, forward + backward",
         "",
-        f"Median over >= {repeats} calls per variant, alternating call by call; plain BN = `nn.BatchNorm`, vectorised GBN = "
-        "`GhostBatchNorm` (one fused `torch.batch_norm` on ghosts folded into channels), chunk loop = "
-        "`F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
+        f"Median over >= {repeats} calls per variant, alternating call by call; plain BN = `nn.BatchNorm`, GBN = "
+        "`GhostBatchNorm` as shipped (the compiled kernel where it applies), GBN torch ops = the same layer "
+        "with `use_kernel=False` (one fused `torch.batch_norm` on ghosts folded into channels), chunk "
+        "loop = `F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
         "loop / GBN >= 3x at >= 32 ghost batches. Paired = each round's GBN call divided by the BN call "
         "just before it; its quartiles show the spread the machine's load caused.",
         "",
@@ -488,7 +552,8 @@ def main() -> None:
         "## Speed: a whole training step of a model on digits",
         "",
         f"Forward, cross-entropy, backward and SGD step on the first 512 training digits, the same model with "
-        f"plain BatchNorm, with `GhostBatchNorm` (`replace_batchnorms`) and with the chunk loop, alternating "
+        f"plain BatchNorm, with `GhostBatchNorm` (`replace_batchnorms`; compiled kernel), the same with "
+        f"`use_kernel=False` (torch ops) and with the chunk loop, alternating "
         f"step by step, medians of {repeats * 1} steps each. The issue's target (issue 2): step time of a CNN on "
         "digits at batch 512, ghost 32: <= 1.15x plain BN and >= 2x faster than the loop.",
         "",
@@ -508,11 +573,13 @@ def main() -> None:
             for shape, ghost, plain, ghost_ms, recipe in recipe_rows
         ],
         "",
-        "### Where the time goes on [512, 256]: torch's batch-norm kernels alone",
+        "### Where the time goes on [512, 256]: the kernels alone",
         "",
-        f"`torch.native_batch_norm` (training, with running buffers) and `native_batch_norm_backward`, no "
-        f"autograd, medians of {5 * repeats} calls each, round-robin. The vectorised layer runs them on "
-        "the folded `[g, m * C]` matrix: the same values with m times more channels.",
+        f"`torch.native_batch_norm` (training, with running buffers) and `native_batch_norm_backward`, and "
+        f"the compiled ghost kernel's forward and backward, called without autograd, medians of "
+        f"{5 * repeats} calls each, round-robin. GhostBatchNorm's torch-ops path runs torch's kernels on "
+        "the folded `[g, m * C]` matrix (the same values with m times more channels); its default path "
+        "is the compiled kernel.",
         "",
         "| kernel input | forward us | backward us |",
         "|---|---|---|",

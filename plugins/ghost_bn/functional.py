@@ -1,11 +1,16 @@
-"""Ghost batch normalisation in pure torch (Hoffer et al. 2017): no Lightning import.
+"""Ghost batch normalisation (Hoffer et al. 2017) in torch plus a small C kernel: no Lightning import.
 
 During training a batch of ``B`` examples is split into *ghost batches* of ``g`` examples and each is
 normalised with its own mean and variance, which restores the noise of small-batch BatchNorm inside a
 large batch. Evaluation uses running statistics exactly like ``BatchNorm``.
 
-Speed: the ghost dimension is folded into the channel dimension so ONE fused batch-norm call
-normalises every ghost batch (no Python loop over chunks). Ghost batch ``k`` of ``m`` equal ghost
+Speed: float32 CPU activations go through a small compiled C kernel (``kernel.c``, built on first
+use by ``compiled.py``) that normalises each ghost batch while it is in cache: 0.4-1.0x the time of
+plain BatchNorm in the shapes of ``benchmarks/ghost_bn``. Everything else (other dtypes, GPUs,
+uneven batches, torch.compile / torch.func, no C compiler) takes the torch-ops path below, with the
+same results to float32 rounding. In the torch-ops path the ghost dimension is folded into the
+channel dimension so ONE fused batch-norm call normalises every ghost batch (no Python loop over
+chunks). Ghost batch ``k`` of ``m`` equal ghost
 batches holds the examples ``k, k + m, k + 2m, ...`` (a strided partition): with that assignment
 ``[m * g, C, *S] -> [g, m * C, *S]`` is a free ``view``, whereas contiguous chunks need a transpose
 copy of the activations forwards and backwards (measured 1.5-2x slower on CPU). Which examples share a
@@ -43,10 +48,13 @@ the variance *within* a ghost batch, which is what the layer divides by during t
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .compiled import kernel_applies, kernel_ghost_batch_norm, load_kernel
 
 __all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_batch_sizes"]
 
@@ -155,6 +163,13 @@ def _fused_equal(
     return out.reshape(x.shape)
 
 
+def _reference_equal(
+    num_ghosts: int, eps: float, x: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """The compiled kernel's output through torch ops (running statistics untouched): its double backward."""
+    return _fused_equal(x, None, None, weight, bias, num_ghosts, 0.0, eps)
+
+
 @torch.no_grad()
 def _update_running(
     running_mean: Tensor,
@@ -187,6 +202,8 @@ def ghost_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     training: bool = True,
+    *,
+    use_kernel: bool = True,
 ) -> Tensor:
     """Ghost batch norm of ``x`` ``[B, C, *S]``; the arguments mirror ``F.batch_norm``.
 
@@ -195,6 +212,10 @@ def ghost_batch_norm(
     (see the module docstring). ``B <= ghost_batch_size`` is exactly ``F.batch_norm``. ``momentum``
     is the update factor (``BatchNorm``'s cumulative ``momentum=None`` is handled by
     :class:`GhostBatchNorm`, which passes ``1 / num_batches_tracked``).
+
+    Equal ghost batches of float32 CPU activations go through the compiled kernel (compiled.py)
+    unless ``use_kernel=False`` or ``LITPLUG_GHOST_BN_KERNEL=0``; the torch-ops path gives the
+    same results to float32 rounding.
     """
     if momentum is None:
         raise ValueError(
@@ -211,6 +232,12 @@ def ghost_batch_norm(
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
     if not tail:  # the common case: equal ghost batches, one call, one running-statistics update
+        applies = use_kernel and kernel_applies(x, weight, bias, running_mean, running_var)
+        if applies and load_kernel() is not None:
+            reference = partial(_reference_equal, num_equal, eps)
+            return kernel_ghost_batch_norm(
+                x, running_mean, running_var, weight, bias, num_equal, momentum, eps, reference
+            )
         return _fused_equal(x, running_mean, running_var, weight, bias, num_equal, momentum, eps)
 
     # Uneven batch (e.g. an epoch's last): equal head + one tail ghost batch, pooled statistics.
@@ -250,6 +277,7 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             (``momentum=None`` is the cumulative average). Without running statistics the layer
             normalises with ghost statistics in eval too, as BatchNorm uses batch statistics then.
         input_dims: accepted ``x.dim()`` values (BatchNorm1d: (2, 3), 2d: (4,), 3d: (5,)).
+        use_kernel: use the compiled kernel where it applies (see :func:`ghost_batch_norm`).
     """
 
     def __init__(
@@ -263,15 +291,19 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         input_dims: tuple[int, ...] = (2, 3, 4, 5),
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_kernel: bool = True,
     ) -> None:
         if ghost_batch_size < 2:
             raise ValueError(f"GhostBatchNorm: ghost_batch_size must be >= 2, got {ghost_batch_size}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.ghost_batch_size = ghost_batch_size
         self.input_dims = input_dims
+        self.use_kernel = use_kernel
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, ghost_batch_size: int) -> GhostBatchNorm:
+    def from_batchnorm(
+        cls, bn: nn.modules.batchnorm._BatchNorm, ghost_batch_size: int, use_kernel: bool = True
+    ) -> GhostBatchNorm:
         """A ghost layer with ``bn``'s hyperparameters, sharing its parameter and buffer tensors.
 
         The tensors are shared, not copied, so an optimizer built before the swap (or a caller
@@ -291,6 +323,7 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             input_dims=input_dims,
             device=ref.device if ref is not None else None,
             dtype=ref.dtype if ref is not None else None,
+            use_kernel=use_kernel,
         )
         # Reuse the very Parameter / buffer objects: same names, same values, same identities.
         for name, param in bn.named_parameters(recurse=False):
@@ -323,6 +356,7 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor,
             self.eps,
             use_batch_stats,
+            use_kernel=self.use_kernel,
         )
 
     def extra_repr(self) -> str:

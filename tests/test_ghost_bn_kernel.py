@@ -1,0 +1,213 @@
+"""The compiled ghost batch norm kernel against the torch-ops path: values, gradients, fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from litplug.plugins.ghost_bn import GhostBatchNorm, compiled
+
+pytestmark = pytest.mark.skipif(
+    compiled._compiler() is None, reason="no C compiler on this machine: the torch path is tested alone"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache directory for this module: the first test builds the kernel (about a second)."""
+    return tmp_path_factory.mktemp("litplug_cache")
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch, kernel_cache: Path) -> Iterator[Path]:
+    """The kernel loaded anew from this module's cache (built there by the first test to ask)."""
+    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(kernel_cache))
+    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
+    compiled._reset_for_tests()
+    yield kernel_cache
+    compiled._reset_for_tests()
+
+
+@pytest.fixture
+def empty_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A cold, empty cache directory: the next call builds (or fails to build) into it."""
+    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
+    compiled._reset_for_tests()
+    yield tmp_path
+    compiled._reset_for_tests()
+
+
+def _layer(channels: int, ghost: int, **kwargs: object) -> GhostBatchNorm:
+    layer = GhostBatchNorm(channels, ghost, **kwargs)  # type: ignore[arg-type]
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.uniform_(0.5, 2.0)
+            layer.bias.normal_()
+        if layer.running_mean is not None:
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+def _run(layer: nn.Module, x: Tensor, grad_out: Tensor, use_kernel: bool, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(compiled.KERNEL_ENV, "1" if use_kernel else "0")
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    kernel_ran = type(y.grad_fn).__name__.startswith("_GhostBatchNormKernel")
+    params = [p for p in layer.parameters()]
+    grads = torch.autograd.grad(y, [x, *params], grad_out)
+    return y.detach(), grads, kernel_ran
+
+
+CASES = {  # name -> (input shape, ghost size, GhostBatchNorm keywords)
+    "mlp_64_ghosts": ((512, 256), 8, {}),
+    "mlp_4_ghosts": ((512, 256), 128, {}),
+    "channels_over_one_block": ((64, 700), 8, {}),  # 8 * 700 columns: blocks end mid-ghost
+    "seq_1d": ((96, 5, 3), 4, {}),
+    "conv_2d": ((64, 6, 5, 5), 16, {}),
+    "conv_3d": ((40, 3, 2, 2, 2), 4, {}),
+    "no_affine": ((48, 7, 4), 6, {"affine": False}),
+    "no_running_stats": ((48, 7), 6, {"track_running_stats": False}),
+    "cumulative_momentum": ((48, 7, 2, 2), 12, {"momentum": None}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_equals_torch_path(case: str, fresh_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape, ghost, kwargs = CASES[case]
+    torch.manual_seed(0)
+    reference = _layer(shape[1], ghost, **kwargs)
+    layer = copy.deepcopy(reference)
+    for _ in range(3):  # several steps: the running statistics compound
+        x = torch.randn(*shape) * 3 + 1
+        grad_out = torch.randn(*shape)
+        y_ref, grads_ref, ran_ref = _run(reference, x, grad_out, False, monkeypatch)
+        y, grads, ran = _run(layer, x, grad_out, True, monkeypatch)
+        assert ran and not ran_ref, "the kernel ran on one side only"
+        torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
+        for got, want in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for name, buf in reference.named_buffers():
+        torch.testing.assert_close(dict(layer.named_buffers())[name], buf, atol=1e-6, rtol=1e-6)
+
+
+def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        torch.manual_seed(1)
+        try:
+            for shape, ghost in (((256, 96), 8), ((64, 8, 4, 4), 8)):
+                layer = _layer(shape[1], ghost)
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
+                y = layer(x)
+                results.append((y, *torch.autograd.grad(y, [x, *layer.parameters()], torch.ones_like(y))))
+        finally:
+            torch.set_num_threads(threads)
+    half = len(results) // 2
+    for one, two in zip(results[:half], results[half:], strict=True):
+        for a, b in zip(one, two, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_double_backward_goes_through_torch_ops(fresh_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gradient penalty (d/dparams of |dy/dx|^2) is the same with and without the kernel."""
+    torch.manual_seed(2)
+    reference = _layer(12, 4)
+    layer = copy.deepcopy(reference)
+    x0 = torch.randn(32, 12)
+
+    def penalty_grads(module: GhostBatchNorm, use_kernel: bool) -> list[Tensor]:
+        monkeypatch.setenv(compiled.KERNEL_ENV, "1" if use_kernel else "0")
+        x = x0.clone().requires_grad_(True)
+        y = module(x)
+        assert type(y.grad_fn).__name__.startswith("_GhostBatchNormKernel") == use_kernel
+        (grad_x,) = torch.autograd.grad((y * y.detach()).sum(), x, create_graph=True)
+        inputs = [x, *module.parameters()]  # the bias drops out of dy/dx: its gradient is zero
+        return list(torch.autograd.grad(grad_x.pow(2).sum(), inputs, materialize_grads=True))
+
+    for got, want in zip(penalty_grads(layer, True), penalty_grads(reference, False), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_runs_the_kernel_and_equals_contiguous(fresh_kernel: Path) -> None:
+    torch.manual_seed(3)
+    layer = _layer(4, 8)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(32, 4, 3, 3)
+    y = layer(x.contiguous(memory_format=torch.channels_last))
+    assert type(y.grad_fn).__name__ == "_GhostBatchNormKernelBackward"  # fed a contiguous copy
+    assert torch.equal(y, twin(x))
+    assert torch.equal(layer.running_var, twin.running_var)
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        pytest.param(lambda: torch.randn(32, 6, dtype=torch.float64), id="float64"),
+        pytest.param(lambda: torch.randn(30, 6), id="uneven_batch"),
+    ],
+)
+def test_outside_its_scope_the_torch_path_runs(make_input, fresh_kernel: Path) -> None:  # type: ignore[no-untyped-def]
+    x = make_input()
+    layer = GhostBatchNorm(6, 8).to(x.dtype)
+    y = layer(x.requires_grad_(True))
+    assert not type(y.grad_fn).__name__.startswith("_GhostBatchNormKernel")
+
+
+def test_torch_func_transforms_get_the_torch_path(fresh_kernel: Path) -> None:
+    """torch.func cannot see through a ctypes call; per-sample gradients of a GBN model still work."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), GhostBatchNorm(6, 4), nn.Linear(6, 1))
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x = torch.randn(16, 5)
+
+    def loss(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(model, (p, b), (x,)).pow(2).mean()
+
+    grads = torch.func.grad(loss)(params, buffers)  # buffers are inputs: GBN updates them in place
+    expected = torch.autograd.grad(model(x).pow(2).mean(), list(params.values()))
+    for got, want in zip(grads.values(), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_failing_build_warns_once_and_falls_back(
+    empty_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compiled, "_compiler", lambda: "false")  # a "compiler" that always fails
+    layer = _layer(6, 4)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(16, 6)
+    with pytest.warns(RuntimeWarning, match="ghost_bn: the compiled kernel is unavailable"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        layer(x)
+    monkeypatch.setenv(compiled.KERNEL_ENV, "0")
+    torch.testing.assert_close(y, twin(x), atol=0, rtol=0)
+
+
+def test_disabled_by_environment(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(compiled.KERNEL_ENV, "0")
+    assert compiled.load_kernel() is None
+    assert not any(empty_cache.iterdir()), "a disabled kernel must not be built"
+
+
+def test_builds_into_an_empty_cache_and_reuses_it(empty_cache: Path) -> None:
+    lib = compiled.load_kernel()
+    assert lib is not None and lib.litplug_gbn_abi() == compiled.ABI_VERSION
+    built = sorted(empty_cache.iterdir())
+    assert [p.suffix for p in built] == [".so"], f"expected one library and no leftovers, got {built}"
+    compiled._reset_for_tests()
+    mtime = built[0].stat().st_mtime_ns
+    assert compiled.load_kernel() is not None
+    assert built[0].stat().st_mtime_ns == mtime, "a cached kernel was rebuilt"

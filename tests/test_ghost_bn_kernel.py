@@ -105,7 +105,8 @@ def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
         torch.set_num_threads(n)
         torch.manual_seed(1)
         try:
-            for shape, ghost in (((256, 96), 8), ((64, 8, 4, 4), 8)):
+            # 2^18 values each: far above the size from which the kernel runs threaded (PARALLEL_MIN_VALUES)
+            for shape, ghost in (((1024, 256), 8), ((512, 8, 8, 8), 16)):
                 layer = _layer(shape[1], ghost)
                 x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
                 y = layer(x)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +215,39 @@ def test_builds_into_an_empty_cache_and_reuses_it(empty_cache: Path) -> None:
     mtime = built[0].stat().st_mtime_ns
     assert compiled.load_kernel() is not None
     assert built[0].stat().st_mtime_ns == mtime, "a cached kernel was rebuilt"
+
+
+def test_concurrent_first_builds_share_one_library(empty_cache: Path) -> None:
+    """Two processes (e.g. DDP ranks, pytest workers) building at once both load the kernel."""
+    script = (
+        "import torch; from litplug.plugins.ghost_bn import compiled; "
+        "assert compiled.load_kernel() is not None; print('ok')"
+    )
+    env = {**os.environ, "LITPLUG_CACHE_DIR": str(empty_cache)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == "ok", err[-2000:]
+    built = sorted(empty_cache.iterdir())
+    assert [p.suffix for p in built] == [".so"], f"expected one library and no leftovers, got {built}"
+
+
+def test_an_unwritable_cache_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(blocker / "litplug"))
+    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
+    compiled._reset_for_tests()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled kernel is unavailable"):
+            assert compiled.load_kernel() is None
+        layer = GhostBatchNorm(6, 4)
+        y = layer(torch.randn(16, 6, requires_grad=True))
+        assert not type(y.grad_fn).__name__.startswith("_GhostBatchNormKernel")
+    finally:
+        compiled._reset_for_tests()

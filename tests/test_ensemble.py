@@ -232,7 +232,13 @@ def test_reliability_diagram_is_written_and_logged_to_wandb(tmp_path: Path, monk
             self._trainer = type("T", (), {"loggers": loggers})()
 
     assert not log_image_to_wandb(_Owner([]), "reliability/x", path)
-    assert log_image_to_wandb(_Owner([WandbLogger(save_dir=str(tmp_path))]), "reliability/x", path)
+    try:
+        assert log_image_to_wandb(_Owner([WandbLogger(save_dir=str(tmp_path))]), "reliability/x", path)
+    finally:  # leave no run and no process-wide wandb settings to later tests in this worker
+        import wandb
+
+        wandb.finish()
+        wandb.teardown()
 
 
 # -- plugin -----------------------------------------------------------------------------------------

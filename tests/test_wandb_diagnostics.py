@@ -155,9 +155,14 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # teardown, not just finish: an earlier in-process run (e.g. a disabled-mode one) leaves
+    # wandb's process-wide settings behind, and the next offline run then ignores `dir` and
+    # writes under /tmp/wandb (seen when tests/test_ensemble.py's reliability test ran first).
     wandb.finish()
+    wandb.teardown()
     yield tmp_path
     wandb.finish()
+    wandb.teardown()
 
 
 def offline_run(

@@ -106,6 +106,31 @@ def _time_round_robin(
     return samples
 
 
+def _time_bursts(steps: dict[str, Callable[[], object]], repeats: int, burst: int) -> dict[str, list[float]]:
+    """Milliseconds per call with the layer's data in cache: each variant runs ``burst`` (>= 2)
+    calls back to back and all but the first are kept; variants alternate burst by burst in a
+    shuffled order. In a network a layer's input was just written by the layer before it, so it
+    is in cache; in the call-by-call round robin it was evicted by the other variants' calls (the
+    chunk loop and the torch-ops layer touch several times the activation's size), which hurts
+    most the variant that reads its input several times from cache.
+    """
+    burst = max(2, burst)
+    for step in steps.values():
+        step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps.items())
+    shuffler = random.Random(1)
+    for _ in range(repeats):
+        shuffler.shuffle(order)
+        for name, step in order:
+            for call in range(burst):
+                start = time.perf_counter()
+                step()
+                if call:
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
 @dataclass
 class SpeedRow:
     shape: tuple[int, ...]
@@ -115,6 +140,7 @@ class SpeedRow:
     torch_ops_ms: float
     loop_ms: float
     paired: tuple[float, float, float]  # quartiles of the per-round GBN / BN ratio
+    warm_ms: dict[str, float]  # medians in bursts (see _time_bursts): plain, ghost, loop
 
     @property
     def num_ghosts(self) -> int:
@@ -139,7 +165,12 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     ms = {name: statistics.median(values) for name, values in samples.items()}
     ratios = [g / p for g, p in zip(samples["ghost"], samples["plain"], strict=True)]
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
-    return SpeedRow(shape, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"], (q1, q2, q3))
+    warm_layers = {k: layers[k] for k in ("plain", "ghost", "loop")}
+    warm = _time_bursts({k: _fwd_bwd(v, x, grad_out) for k, v in warm_layers.items()}, repeats, inner + 1)
+    warm_ms = {name: statistics.median(values) for name, values in warm.items()}
+    return SpeedRow(
+        shape, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"], (q1, q2, q3), warm_ms
+    )
 
 
 def _with_chunk_loops(model: nn.Module, ghost: int) -> nn.Module:
@@ -440,15 +471,18 @@ def _load(avg: tuple[float, float, float]) -> str:
 def speed_table(rows: list[SpeedRow]) -> list[str]:
     lines = [
         "| activation | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
-        "| GBN / BN | paired GBN / BN: median [quartiles] | torch ops / BN | loop / GBN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GBN / BN | paired GBN / BN: median [quartiles] | torch ops / BN | loop / GBN "
+        "| warm: BN ms | warm: GBN / BN | warm: loop / GBN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q1, q2, q3 = r.paired
+        w = r.warm_ms
         lines.append(
             f"| {list(r.shape)} | {r.ghost} | {r.num_ghosts} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
             f"{r.torch_ops_ms:.3f} | {r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | "
-            f"{q2:.2f}x [{q1:.2f}, {q3:.2f}] | {r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
+            f"{q2:.2f}x [{q1:.2f}, {q3:.2f}] | {r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x | "
+            f"{w['plain']:.3f} | {w['ghost'] / w['plain']:.2f}x | {w['loop'] / w['ghost']:.2f}x |"
         )
     return lines
 
@@ -458,6 +492,11 @@ def _timing_summary(row: SpeedRow | StepRow) -> str:
         f"BN {row.plain_ms:.3f} ms, GBN {row.ghost_ms:.3f} ms ({row.ghost_ms / row.plain_ms:.2f}x), "
         f"torch ops {row.torch_ops_ms / row.plain_ms:.2f}x, loop {row.loop_ms:.3f} ms "
         f"({row.loop_ms / row.ghost_ms:.2f}x GBN)"
+    ) + (
+        f"; warm: GBN {row.warm_ms['ghost'] / row.warm_ms['plain']:.2f}x BN, "
+        f"loop {row.warm_ms['loop'] / row.warm_ms['ghost']:.2f}x GBN"
+        if isinstance(row, SpeedRow)
+        else ""
     )
 
 
@@ -545,7 +584,11 @@ def main() -> None:
         "with `use_kernel=False` (one fused `torch.batch_norm` on ghosts folded into channels), chunk "
         "loop = `F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
         "loop / GBN >= 3x at >= 32 ghost batches. Paired = each round's GBN call divided by the BN call "
-        "just before it; its quartiles show the spread the machine's load caused.",
+        "just before it; its quartiles show the spread the machine's load caused. Call by call, each "
+        "variant's input was last touched by the other variants' calls; the *warm* columns time bursts "
+        "of one variant's calls (2 per burst on conv shapes, 8 on [512, 256]; the first of each burst "
+        "not counted), variants alternating burst by burst: the input in cache, as when the layer "
+        "follows the layer that wrote it.",
         "",
         *speed_table(rows),
         "",

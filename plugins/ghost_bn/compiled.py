@@ -1,10 +1,10 @@
 """The compiled ghost batch norm kernel (``kernel.c``): build on first use, load, call. Pure torch + ctypes.
 
 torch has no ghost batch norm, and emulating one with its kernels (ghosts folded into channels, see
-functional.py) costs up to 2.6x plain BatchNorm on ``[B, C]`` activations. ``kernel.c`` normalises
+functional.py) costs up to 2.9x plain BatchNorm on ``[B, C]`` activations. ``kernel.c`` normalises
 each ghost batch while it is in cache: 0.4-0.9x plain BatchNorm's time on conv activations and
-1.1-1.9x on ``[512, 256]``, where its own time matches BatchNorm's and this module's Python
-autograd node is the rest (``benchmarks/ghost_bn``). It is plain C (no torch headers), so a C compiler builds it in about a
+1.1-1.3x on ``[512, 256]`` with the input in cache, where the kernel itself is faster than
+BatchNorm's and this module's Python autograd node is the rest (``benchmarks/ghost_bn``). It is plain C (no torch headers), so a C compiler builds it in about a
 second; the shared library is cached per source, compiler and torch build under
 ``$LITPLUG_CACHE_DIR`` (default ``$XDG_CACHE_HOME/litplug`` or ``~/.cache/litplug``).
 
@@ -148,7 +148,7 @@ def load_kernel() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             warnings.warn(
                 f"ghost_bn: the compiled kernel is unavailable ({err}); GhostBatchNorm uses torch ops "
-                f"instead (same results, up to ~2.6x slower on [B, C] activations). "
+                f"instead (same results, up to ~2.9x slower on [B, C] activations). "
                 f"Set {KERNEL_ENV}=0 to silence this.",
                 RuntimeWarning,
                 stacklevel=3,

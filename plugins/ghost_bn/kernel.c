@@ -5,7 +5,7 @@
    the strided partition functional.py uses, so both paths put the same examples together.
 
    Why a kernel: torch has no ghost batch norm, and its one-call emulation (the ghosts folded into
-   channels) runs batch_norm on m times more, m times shorter channels, which costs up to 2.6x plain
+   channels) runs batch_norm on m times more, m times shorter channels, which costs up to 2.9x plain
    BatchNorm on [512, 256] activations. Here each ghost batch (or block of columns) is normalised
    while it is in cache: two passes for mean and variance, one for the output; backward the same.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -27,24 +28,30 @@ def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("litplug_cache")
 
 
+@contextlib.contextmanager
+def _cache_at(monkeypatch: pytest.MonkeyPatch, directory: Path) -> Iterator[Path]:
+    """Kernel cache in ``directory``, kernel on, nothing loaded yet; forgotten again afterwards."""
+    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(directory))
+    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
+    compiled._reset_for_tests()
+    try:
+        yield directory
+    finally:
+        compiled._reset_for_tests()
+
+
 @pytest.fixture
 def fresh_kernel(monkeypatch: pytest.MonkeyPatch, kernel_cache: Path) -> Iterator[Path]:
     """The kernel loaded anew from this module's cache (built there by the first test to ask)."""
-    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(kernel_cache))
-    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
-    compiled._reset_for_tests()
-    yield kernel_cache
-    compiled._reset_for_tests()
+    with _cache_at(monkeypatch, kernel_cache) as directory:
+        yield directory
 
 
 @pytest.fixture
 def empty_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """A cold, empty cache directory: the next call builds (or fails to build) into it."""
-    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
-    compiled._reset_for_tests()
-    yield tmp_path
-    compiled._reset_for_tests()
+    with _cache_at(monkeypatch, tmp_path) as directory:
+        yield directory
 
 
 def _layer(channels: int, ghost: int, **kwargs: object) -> GhostBatchNorm:
@@ -240,14 +247,9 @@ def test_concurrent_first_builds_share_one_library(empty_cache: Path) -> None:
 def test_an_unwritable_cache_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the cache directory should be")
-    monkeypatch.setenv("LITPLUG_CACHE_DIR", str(blocker / "litplug"))
-    monkeypatch.delenv(compiled.KERNEL_ENV, raising=False)
-    compiled._reset_for_tests()
-    try:
+    with _cache_at(monkeypatch, blocker / "litplug"):
         with pytest.warns(RuntimeWarning, match="compiled kernel is unavailable"):
             assert compiled.load_kernel() is None
         layer = GhostBatchNorm(6, 4)
         y = layer(torch.randn(16, 6, requires_grad=True))
         assert not type(y.grad_fn).__name__.startswith("_GhostBatchNormKernel")
-    finally:
-        compiled._reset_for_tests()

@@ -253,3 +253,12 @@ def test_an_unwritable_cache_warns_and_falls_back(monkeypatch: pytest.MonkeyPatc
         layer = GhostBatchNorm(6, 4)
         y = layer(torch.randn(16, 6, requires_grad=True))
         assert not type(y.grad_fn).__name__.startswith("_GhostBatchNormKernel")
+
+
+def test_inputs_outside_its_scope_never_build_it(empty_cache: Path) -> None:
+    """GPU or float64 users do not pay for (or get warned about) a CPU float32 kernel."""
+    layer = GhostBatchNorm(6, 4).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(16, 6, dtype=torch.float64))
+    assert not any(empty_cache.iterdir())

@@ -233,11 +233,13 @@ def ghost_batch_norm(
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
     if not tail:  # the common case: equal ghost batches, one call, one running-statistics update
+        # applies first: GPU or float64 users never build (or warn about) the CPU kernel
         applies = use_kernel and kernel_applies(x, weight, bias, running_mean, running_var)
-        if applies and load_kernel() is not None:
+        lib = load_kernel() if applies else None
+        if lib is not None:
             reference = partial(_reference_equal, num_equal, eps)
             return kernel_ghost_batch_norm(
-                x, running_mean, running_var, weight, bias, num_equal, momentum, eps, reference
+                x, running_mean, running_var, weight, bias, num_equal, momentum, eps, reference, lib
             )
         return _fused_equal(x, running_mean, running_var, weight, bias, num_equal, momentum, eps)
 

@@ -3,10 +3,11 @@
 torch has no ghost batch norm, and emulating one with its kernels (ghosts folded into channels, see
 functional.py) costs up to 2.9x plain BatchNorm on ``[B, C]`` activations. ``kernel.c`` normalises
 each ghost batch while it is in cache: 0.4-0.9x plain BatchNorm's time on conv activations and
-1.1-1.3x on ``[512, 256]`` with the input in cache, where the kernel itself is faster than
-BatchNorm's and this module's Python autograd node is the rest (``benchmarks/ghost_bn``). It is plain C (no torch headers), so a C compiler builds it in about a
-second; the shared library is cached per source, compiler and torch build under
-``$LITPLUG_CACHE_DIR`` (default ``$XDG_CACHE_HOME/litplug`` or ``~/.cache/litplug``).
+0.95-1.3x on ``[512, 256]`` with the input in cache; there the kernel itself is faster than
+BatchNorm's, and this module's Python autograd node is the rest (``benchmarks/ghost_bn``). It is
+plain C (no torch headers), so a C compiler builds it in about a second; the shared library is
+cached per source, compiler, torch build and host under ``$LITPLUG_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/litplug`` or ``~/.cache/litplug``).
 
 It links torch's own OpenMP runtime when torch ships one (``torch/lib/libgomp*``), so
 ``torch.set_num_threads`` governs its threads too and there is one thread pool, not two; otherwise it

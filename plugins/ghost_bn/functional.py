@@ -6,7 +6,7 @@ large batch. Evaluation uses running statistics exactly like ``BatchNorm``.
 
 Speed: float32 CPU activations go through a small compiled C kernel (``kernel.c``, built on first
 use by ``compiled.py``) that normalises each ghost batch while it is in cache: 0.4-0.9x the time of
-plain BatchNorm on conv activations, 1.1-1.3x on ``[512, 256]`` with its input in cache
+plain BatchNorm on conv activations, 0.95-1.3x on ``[512, 256]`` with its input in cache
 (``benchmarks/ghost_bn``). Everything else (other dtypes, GPUs,
 uneven batches, torch.compile / torch.func, no C compiler) takes the torch-ops path below, with the
 same results to float32 rounding. In the torch-ops path the ghost dimension is folded into the

@@ -153,6 +153,17 @@ static void ghost_moments(const float *x, int64_t C, int64_t S, int64_t m, int64
     for (int64_t c = 0; c < C; ++c) var[c] = (float)(acc[c] / n);
 }
 
+/* One thread's scratch inside a parallel region; on failure sets *failed for every thread to see
+   after the next barrier (the callers then skip the work and return 1). */
+static void *thread_scratch(size_t bytes, int *failed) {
+    void *p = malloc(bytes);
+    if (!p) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
+}
+
 /* Returns 1 when a thread could not allocate its scratch. */
 static int forward_ghosts(const float *x, const float *weight, const float *bias, float *y,
                           float *means, float *invstds, float *vars, int64_t C, int64_t S,
@@ -160,12 +171,8 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
     int failed = 0;
 #pragma omp parallel if (worth_threads(g * m * C * S))
     {
-        double *acc = malloc(sizeof(double) * C);
-        float *scale = malloc(sizeof(float) * 2 * C);
-        if (!acc || !scale) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        double *acc = thread_scratch(sizeof(double) * C + sizeof(float) * 2 * C, &failed);
+        float *scale = acc ? (float *)(acc + C) : NULL;
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
@@ -190,7 +197,6 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
             }
         }
         free(acc);
-        free(scale);
     }
     return failed;
 }
@@ -202,12 +208,8 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
     int failed = 0;
 #pragma omp parallel if (worth_threads(g * m * C * S))
     {
-        double *acc = malloc(sizeof(double) * 2 * C);
-        float *coef = malloc(sizeof(float) * 3 * C);
-        if (!acc || !coef) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        double *acc = thread_scratch(sizeof(double) * 2 * C + sizeof(float) * 3 * C, &failed);
+        float *coef = acc ? (float *)(acc + 2 * C) : NULL;
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
@@ -248,7 +250,6 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
             }
         }
         free(acc);
-        free(coef);
     }
     return failed;
 }

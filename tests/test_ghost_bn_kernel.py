@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -86,7 +87,12 @@ CASES = {  # name -> (input shape, ghost size, GhostBatchNorm keywords)
     "no_affine": ((48, 7, 4), 6, {"affine": False}),
     "no_running_stats": ((48, 7), 6, {"track_running_stats": False}),
     "cumulative_momentum": ((48, 7, 2, 2), 12, {"momentum": None}),
+    # 2^20 values, 64 per channel: outputs written with streaming stores (on x86 with AVX)
+    "conv_streamed": ((256, 64, 8, 8), 16, {}),
+    # as large, but 49 values per channel are not whole vectors: ordinary stores
+    "conv_large_unaligned_runs": ((384, 64, 7, 7), 16, {}),
 }
+STREAMED_CASE = "conv_streamed"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -108,6 +114,16 @@ def test_kernel_equals_torch_path(case: str, fresh_kernel: Path, monkeypatch: py
         torch.testing.assert_close(dict(layer.named_buffers())[name], buf, atol=1e-6, rtol=1e-6)
 
 
+def test_the_streamed_case_is_large_enough_to_stream(fresh_kernel: Path) -> None:
+    lib = compiled.load_kernel()
+    assert lib is not None
+    threshold = lib.litplug_gbn_stream_min_values()
+    if threshold == 0:
+        pytest.skip("this build of the kernel has no streaming stores (no AVX)")
+    shape = CASES[STREAMED_CASE][0]
+    assert math.prod(shape) >= threshold and shape[2] * shape[3] % 16 == 0
+
+
 def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
     threads = torch.get_num_threads()
     results = []
@@ -115,8 +131,9 @@ def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
         torch.set_num_threads(n)
         torch.manual_seed(1)
         try:
-            # 2^18 values each: far above the size from which the kernel runs threaded (PARALLEL_MIN_VALUES)
-            for shape, ghost in (((1024, 256), 8), ((512, 8, 8, 8), 16)):
+            # 2^18-2^20 values: far above the size from which the kernel runs threaded (PARALLEL_MIN_VALUES);
+            # the last one streams its outputs
+            for shape, ghost in (((1024, 256), 8), ((512, 8, 8, 8), 16), CASES[STREAMED_CASE][:2]):
                 layer = _layer(shape[1], ghost)
                 x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
                 y = layer(x)

@@ -8,6 +8,7 @@
    channels) runs batch_norm on m times more, m times shorter channels, which costs up to 2.9x plain
    BatchNorm on [512, 256] activations. Here each ghost batch (or block of columns) is normalised
    while it is in cache: two passes for mean and variance, one for the output; backward the same.
+   Only the first pass reads memory; large conv outputs are written with streaming stores.
 
    Statistics: two-pass mean and biased variance per (ghost, channel); spatial sums accumulate in
    double. Results match torch's batch_norm to float32 rounding. Threads: OpenMP over ghosts (or
@@ -17,8 +18,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
-#define LITPLUG_GBN_ABI 3
+#define LITPLUG_GBN_ABI 4
 
 int litplug_gbn_abi(void) { return LITPLUG_GBN_ABI; }
 
@@ -122,7 +126,99 @@ static void backward_columns(const float *dy, const float *x, const float *weigh
 }
 
 /* ---- [B, C, S] inputs (S > 1) ------------------------------------------------------------------
-   One work item per ghost: its g rows of C * S values are normalised while they are in cache. */
+   One work item per ghost: its g rows of C * S values are normalised while they are in cache.
+   (Splitting large ghosts into channel blocks that fit in L2 was measured: no faster, with g up to
+   256 and ghosts of 2 MB.) */
+
+/* Activations of at least this many values get their output (y forwards, dx backwards) written
+   with streaming stores, which skip reading each destination line into the cache first: one
+   memory pass fewer. Measured on a [512, 32, 8, 8] conv activation followed by a ReLU, forward +
+   backward: 14-17% faster; on 2 MB activations the next layer's reads from cache are worth more. */
+#ifndef STREAM_MIN_VALUES
+#define STREAM_MIN_VALUES (1 << 20)
+#endif
+
+#if defined(__AVX512F__)
+#define STREAM_WIDTH 16
+#elif defined(__AVX__)
+#define STREAM_WIDTH 8
+#else
+#define STREAM_WIDTH 0
+#endif
+
+/* Whether every channel's run of S outputs starts on a vector boundary, so it can be streamed. */
+static int can_stream(const float *out, int64_t values, int64_t S) {
+#if STREAM_WIDTH
+    return values >= STREAM_MIN_VALUES && S % STREAM_WIDTH == 0 &&
+           (uintptr_t)out % (STREAM_WIDTH * sizeof(float)) == 0;
+#else
+    (void)out, (void)values, (void)S;
+    return 0;
+#endif
+}
+
+/* o[s] = p[s] * a + b (the same rounding either way: no fused multiply-add). */
+static inline void affine_run(const float *p, float *o, int64_t S, float a, float b, int stream) {
+#if STREAM_WIDTH == 16
+    if (stream) {
+        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+        for (int64_t s = 0; s < S; s += 16)
+            _mm512_stream_ps(o + s, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(p + s), va), vb));
+        return;
+    }
+#elif STREAM_WIDTH == 8
+    if (stream) {
+        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+        for (int64_t s = 0; s < S; s += 8)
+            _mm256_stream_ps(o + s, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(p + s), va), vb));
+        return;
+    }
+#endif
+    (void)stream;
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) o[s] = p[s] * a + b;
+}
+
+/* o[s] = a * d[s] + b * p[s] + e, evaluated left to right either way. */
+static inline void grad_run(const float *d, const float *p, float *o, int64_t S, float a, float b,
+                            float e, int stream) {
+#if STREAM_WIDTH == 16
+    if (stream) {
+        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), ve = _mm512_set1_ps(e);
+        for (int64_t s = 0; s < S; s += 16) {
+            const __m512 ad = _mm512_mul_ps(va, _mm512_loadu_ps(d + s));
+            const __m512 bp = _mm512_mul_ps(vb, _mm512_loadu_ps(p + s));
+            _mm512_stream_ps(o + s, _mm512_add_ps(_mm512_add_ps(ad, bp), ve));
+        }
+        return;
+    }
+#elif STREAM_WIDTH == 8
+    if (stream) {
+        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), ve = _mm256_set1_ps(e);
+        for (int64_t s = 0; s < S; s += 8) {
+            const __m256 ad = _mm256_mul_ps(va, _mm256_loadu_ps(d + s));
+            const __m256 bp = _mm256_mul_ps(vb, _mm256_loadu_ps(p + s));
+            _mm256_stream_ps(o + s, _mm256_add_ps(_mm256_add_ps(ad, bp), ve));
+        }
+        return;
+    }
+#endif
+    (void)stream;
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) o[s] = a * d[s] + b * p[s] + e;
+}
+
+/* The size from which outputs are streamed; 0 when this build cannot stream (tests ask). */
+int64_t litplug_gbn_stream_min_values(void) { return STREAM_WIDTH ? STREAM_MIN_VALUES : 0; }
+
+/* Streamed stores are weakly ordered: make them visible before the caller reads the output. */
+static void stream_fence(int stream) {
+#if STREAM_WIDTH
+    if (stream) _mm_sfence();
+#else
+    (void)stream;
+#endif
+}
 
 /* mean[c] and biased var[c] of ghost k; acc: C doubles of scratch. */
 static void ghost_moments(const float *x, int64_t C, int64_t S, int64_t m, int64_t g, int64_t k,
@@ -168,33 +264,32 @@ static void *thread_scratch(size_t bytes, int *failed) {
 static int forward_ghosts(const float *x, const float *weight, const float *bias, float *y,
                           float *means, float *invstds, float *vars, int64_t C, int64_t S,
                           int64_t m, int64_t g, float eps) {
+    const int64_t values = g * m * C * S;
+    const int stream = can_stream(y, values, S);
     int failed = 0;
-#pragma omp parallel if (worth_threads(g * m * C * S))
+#pragma omp parallel if (worth_threads(values))
     {
         double *acc = thread_scratch(sizeof(double) * C + sizeof(float) * 2 * C, &failed);
-        float *scale = acc ? (float *)(acc + C) : NULL;
+        float *scale = acc ? (float *)(acc + C) : NULL, *shift = scale ? scale + C : NULL;
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait /* each thread fences its own streamed stores */
             for (int64_t k = 0; k < m; ++k) {
-                float *mean = means + k * C, *invstd = invstds + k * C, *shift = scale + C;
-                ghost_moments(x, C, S, m, g, k, mean, vars + k * C, acc);
+                float *mean = means + k * C, *var = vars + k * C, *invstd = invstds + k * C;
+                ghost_moments(x, C, S, m, g, k, mean, var, acc);
                 for (int64_t c = 0; c < C; ++c) {
-                    invstd[c] = 1.f / sqrtf(vars[k * C + c] + eps);
+                    invstd[c] = 1.f / sqrtf(var[c] + eps);
                     scale[c] = (weight ? weight[c] : 1.f) * invstd[c];
                     shift[c] = (bias ? bias[c] : 0.f) - mean[c] * scale[c];
                 }
                 for (int64_t i = 0; i < g; ++i) {
                     const float *row = ROW(x, i);
                     float *out = ROW(y, i);
-                    for (int64_t c = 0; c < C; ++c) {
-                        const float a = scale[c], b = shift[c], *p = row + c * S;
-                        float *o = out + c * S;
-#pragma omp simd
-                        for (int64_t s = 0; s < S; ++s) o[s] = p[s] * a + b;
-                    }
+                    for (int64_t c = 0; c < C; ++c)
+                        affine_run(row + c * S, out + c * S, S, scale[c], shift[c], stream);
                 }
             }
+            stream_fence(stream);
         }
         free(acc);
     }
@@ -205,14 +300,16 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
                            const float *means, const float *invstds, float *dx, float *sum_dy,
                            float *sum_dy_xhat, int64_t C, int64_t S, int64_t m, int64_t g) {
     const float inv_n = 1.f / (float)(g * S);
+    const int64_t values = g * m * C * S;
+    const int stream = can_stream(dx, values, S);
     int failed = 0;
-#pragma omp parallel if (worth_threads(g * m * C * S))
+#pragma omp parallel if (worth_threads(values))
     {
         double *acc = thread_scratch(sizeof(double) * 2 * C + sizeof(float) * 3 * C, &failed);
         float *coef = acc ? (float *)(acc + 2 * C) : NULL;
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait /* each thread fences its own streamed stores */
             for (int64_t k = 0; k < m; ++k) {
                 const float *mean = means + k * C, *invstd = invstds + k * C;
                 double *a1 = acc, *a2 = acc + C;
@@ -240,14 +337,11 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
                 for (int64_t i = 0; i < g; ++i) {
                     const float *xr = ROW(x, i), *dr = ROW(dy, i);
                     float *out = ROW(dx, i);
-                    for (int64_t c = 0; c < C; ++c) {
-                        const float *p = xr + c * S, *d = dr + c * S, a = ca[c], b = cb[c], e = cc[c];
-                        float *o = out + c * S;
-#pragma omp simd
-                        for (int64_t s = 0; s < S; ++s) o[s] = a * d[s] + b * p[s] + e;
-                    }
+                    for (int64_t c = 0; c < C; ++c)
+                        grad_run(dr + c * S, xr + c * S, out + c * S, S, ca[c], cb[c], cc[c], stream);
                 }
             }
+            stream_fence(stream);
         }
         free(acc);
     }

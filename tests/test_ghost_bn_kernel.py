@@ -91,6 +91,11 @@ CASES = {  # name -> (input shape, ghost size, GhostBatchNorm keywords)
     "conv_streamed": ((256, 64, 8, 8), 16, {}),
     # as large, but 49 values per channel are not whole vectors: ordinary stores
     "conv_large_unaligned_runs": ((384, 64, 7, 7), 16, {}),
+    # short channels (S < 64) take the column-block path
+    "conv_short_channels": ((512, 64, 4, 4), 16, {}),
+    "conv_short_channels_uneven_blocks": ((96, 7, 3, 3), 8, {}),  # 504-column blocks, a partial last one
+    # long channels (S >= 64) take the one-ghost-per-item path
+    "conv_long_channels": ((64, 3, 40, 40), 32, {}),
 }
 STREAMED_CASE = "conv_streamed"
 
@@ -108,8 +113,11 @@ def test_kernel_equals_torch_path(case: str, fresh_kernel: Path, monkeypatch: py
         y, grads, ran = _run(layer, x, grad_out, True, monkeypatch)
         assert ran and not ran_ref, "the kernel ran on one side only"
         torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
-        for got, want in zip(grads, grads_ref, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-5, rtol=1e-4)
+        # weight / bias gradients are float sums over B * S terms that largely cancel: against a
+        # float64 reference both paths are off by up to ~7e-5 on the 2^20-value cases
+        for got, want in zip(grads[1:], grads_ref[1:], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for name, buf in reference.named_buffers():
         torch.testing.assert_close(dict(layer.named_buffers())[name], buf, atol=1e-6, rtol=1e-6)
 
@@ -131,9 +139,10 @@ def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
         torch.set_num_threads(n)
         torch.manual_seed(1)
         try:
-            # 2^18-2^20 values: far above the size from which the kernel runs threaded (PARALLEL_MIN_VALUES);
-            # the last one streams its outputs
-            for shape, ghost in (((1024, 256), 8), ((512, 8, 8, 8), 16), CASES[STREAMED_CASE][:2]):
+            # 2^18-2^20 values, far above the size from which the kernel runs threaded
+            # (PARALLEL_MIN_VALUES), one per path: [B, C], long and short channels; the last streams
+            cases = (((1024, 256), 8), ((512, 8, 8, 8), 16), ((512, 64, 4, 4), 16), CASES[STREAMED_CASE][:2])
+            for shape, ghost in cases:
                 layer = _layer(shape[1], ghost)
                 x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
                 y = layer(x)

@@ -25,7 +25,9 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -264,6 +266,7 @@ SPEED_CASES: list[tuple[tuple[int, ...], int]] = [
     ((512, 32, 8, 8), 16),
     ((512, 32, 8, 8), 32),
     ((512, 32, 8, 8), 128),
+    ((512, 64, 4, 4), 16),
     ((512, 64, 4, 4), 32),
     ((512, 256), 8),
     ((512, 256), 16),
@@ -343,6 +346,85 @@ def _compiled_kernel_steps(lib: Any, shape: tuple[int, int], ghost: int) -> dict
 
     label = f"{list(shape)} in ghosts of {ghost}, compiled kernel (kernel.c)"
     return {f"{label} fwd": forward, f"{label} bwd": backward}
+
+
+# -- kernel.c's design choices, each measured against the kernel built without it ----------------
+
+KERNEL_VARIANTS: dict[str, list[str]] = {  # name -> extra compiler flags
+    "shipped": [],
+    "no streaming stores": ["-DSTREAM_MIN_VALUES=(1LL<<62)"],
+    "no short-channel path": ["-DSHORT_CHANNEL=2"],  # every S > 1 one ghost per work item
+}
+VARIANT_CASES: list[tuple[tuple[int, ...], int, bool]] = [  # shape, ghost, followed by a ReLU
+    ((512, 32, 8, 8), 16, False),
+    ((512, 32, 8, 8), 16, True),
+    ((512, 64, 8, 8), 16, False),
+    ((512, 64, 4, 4), 16, False),
+    ((512, 32, 4, 4), 16, False),
+    ((256, 32, 5, 5), 16, False),
+]
+
+
+def build_kernel_variants(directory: Path) -> dict[str, Any]:
+    """``kernel.c`` compiled once per entry of KERNEL_VARIANTS (compiled.py's commands plus -D flags)."""
+    compiler = compiled._compiler()
+    if compiler is None or compiled.load_kernel() is None:
+        return {}
+    libs = {}
+    for name, flags in KERNEL_VARIANTS.items():
+        target = directory / f"variant_{len(libs)}.so"
+        compile_cmd, link_cmd = compiled._build_commands(compiler, target)
+        for command in ([*compile_cmd[:-4], *flags, *compile_cmd[-4:]], link_cmd):  # flags before -c
+            subprocess.run(command, check=True, capture_output=True, timeout=compiled.COMPILE_TIMEOUT_S)
+        libs[name] = compiled._open(target)
+    return libs
+
+
+def _with_kernel(lib: Any, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with ``lib`` as the kernel GhostBatchNorm loads."""
+
+    def run() -> None:
+        compiled._loaded = lib
+        step()
+
+    return run
+
+
+def measure_kernel_variants(libs: dict[str, Any], repeats: int) -> list[tuple[str, dict[str, float]]]:
+    """Warm forward + backward milliseconds of GhostBatchNorm (and of GBN + ReLU: the output read
+    right away) with each kernel variant, variants alternating burst by burst (``_time_bursts``)."""
+    rows = []
+    shipped = compiled.load_kernel()
+    try:
+        for shape, ghost, relu in VARIANT_CASES:
+            torch.manual_seed(0)
+            layer = GhostBatchNorm.from_batchnorm(nn.BatchNorm2d(shape[1]), ghost)
+            module: nn.Module = nn.Sequential(layer, nn.ReLU()) if relu else layer
+            x, grad_out = torch.randn(shape).requires_grad_(True), torch.randn(shape)
+            step = _fwd_bwd(module, x, grad_out)
+
+            samples = _time_bursts({name: _with_kernel(lib, step) for name, lib in libs.items()}, repeats, 3)
+            label = f"{list(shape)}, g = {ghost}" + (", then ReLU" if relu else "")
+            rows.append((label, {name: statistics.median(v) for name, v in samples.items()}))
+            print(
+                f"variants {label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in rows[-1][1].items()),
+                flush=True,
+            )
+    finally:
+        compiled._loaded = shipped
+    return rows
+
+
+def variant_table(rows: list[tuple[str, dict[str, float]]]) -> list[str]:
+    others = [name for name in KERNEL_VARIANTS if name != "shipped"]
+    lines = [
+        "| activation | shipped ms | " + " | ".join(f"{name}: ms (/ shipped)" for name in others) + " |",
+        "|---|---|" + "---|" * len(others),
+    ]
+    for label, ms in rows:
+        cells = " | ".join(f"{ms[name]:.3f} ({ms[name] / ms['shipped']:.2f}x)" for name in others)
+        lines.append(f"| {label} | {ms['shipped']:.3f} | {cells} |")
+    return lines
 
 
 class MethodsRecipeGhostBatchNorm(nn.Module):
@@ -553,6 +635,8 @@ def main() -> None:
     profile = kernel_profile((512, 256), (128, 32, 16, 8), 5 * repeats)
     for label, fwd_us, bwd_us in profile:
         print(f"kernel {label}: forward {fwd_us:.0f} us, backward {bwd_us:.0f} us", flush=True)
+    with tempfile.TemporaryDirectory() as variant_dir:
+        variant_rows = measure_kernel_variants(build_kernel_variants(Path(variant_dir)), repeats)
     load_speed = os.getloadavg()
     effect: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for kind in [] if args.speed_only else args.models:
@@ -627,6 +711,18 @@ def main() -> None:
         "| kernel input | forward us | backward us |",
         "|---|---|---|",
         *[f"| {label} | {fwd_us:.0f} | {bwd_us:.0f} |" for label, fwd_us, bwd_us in profile],
+        "",
+        "### kernel.c's design choices, measured",
+        "",
+        "The shipped kernel against the same source built without one of its choices (`-D` flags, "
+        "KERNEL_VARIANTS in this script): streaming stores for outputs of >= 2^20 values, and the "
+        "column-block path for channels of fewer than 64 values (without it, one ghost per work item "
+        f"as for long channels). `GhostBatchNorm` forward + backward, warm bursts of 3 calls (first not "
+        f"counted), variants alternating, medians of {2 * repeats} calls"
+        + ("" if variant_rows else " (not run: the kernel is unavailable here)")
+        + ". The ReLU row reads the output right after it is written, as the next layer would.",
+        "",
+        *variant_table(variant_rows),
         "",
         "## Effect: digits, large batch with and without ghost batch norm",
         "",

@@ -10,10 +10,14 @@
    while it is in cache: two passes for mean and variance, one for the output; backward the same.
    Only the first pass reads memory; large conv outputs are written with streaming stores.
 
-   Statistics: two-pass mean and biased variance per (ghost, channel); spatial sums accumulate in
-   double. Results match torch's batch_norm to float32 rounding. Threads: OpenMP over ghosts (or
-   column blocks), sharing torch's OpenMP runtime, so torch.set_num_threads applies; each work
-   item is summed by one thread in a fixed order, so results do not depend on the thread count. */
+   Three layouts of the work, by S: [B, C] (S = 1) and short channels (S < 64) in blocks of
+   columns of the folded [g, m * C * S] matrix, long channels one ghost per work item.
+
+   Statistics: two-pass mean and biased variance per (ghost, channel); sums over a channel's
+   spatial values accumulate in double. Results match torch's batch_norm to float32 rounding.
+   Threads: OpenMP over ghosts or column blocks, sharing torch's OpenMP runtime, so
+   torch.set_num_threads applies; each work item is summed by one thread in a fixed order, so
+   results do not depend on the thread count. */
 
 #include <math.h>
 #include <stdint.h>
@@ -131,7 +135,7 @@ static void backward_columns(const float *dy, const float *x, const float *weigh
    with streaming stores, which skip reading each destination line into the cache first: one
    memory pass fewer. Measured on a [512, 32, 8, 8] conv activation followed by a ReLU, forward +
    backward: 14-17% faster; on 2 MB activations the next layer's reads from cache are worth more. */
-#ifndef STREAM_MIN_VALUES
+#ifndef STREAM_MIN_VALUES /* benchmarks/ghost_bn builds variants with other values */
 #define STREAM_MIN_VALUES (1 << 20)
 #endif
 
@@ -257,7 +261,9 @@ static void *thread_scratch(size_t bytes, int *failed) {
    with a horizontal sum per row and channel (the long-channel path below), forward + backward:
    0.5-0.6x the time at S = 16 and 25, 0.63x at 36, 0.9x at 49; from S = 64 on the long-channel path
    is as fast or faster (1.24x at S = 144 this way). */
+#ifndef SHORT_CHANNEL /* benchmarks/ghost_bn builds variants with other values */
 #define SHORT_CHANNEL 64
+#endif
 
 /* Columns per work item: whole channels, about BLOCK columns (all of one channel if S >= BLOCK). */
 static int64_t block_columns(int64_t S) { return S >= BLOCK ? S : S * (BLOCK / S); }

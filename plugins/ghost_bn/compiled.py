@@ -2,8 +2,8 @@
 
 torch has no ghost batch norm, and emulating one with its kernels (ghosts folded into channels, see
 functional.py) costs up to 2.9x plain BatchNorm on ``[B, C]`` activations. ``kernel.c`` normalises
-each ghost batch while it is in cache: 0.4-0.9x plain BatchNorm's time on conv activations and
-0.95-1.3x on ``[512, 256]`` with the input in cache; there the kernel itself is faster than
+each ghost batch while it is in cache: 0.3-0.75x plain BatchNorm's time on conv activations and
+0.95-1.4x on ``[512, 256]`` with the input in cache; there the kernel itself is faster than
 BatchNorm's, and this module's Python autograd node is the rest (``benchmarks/ghost_bn``). It is
 plain C (no torch headers), so a C compiler builds it in about a second; the shared library is
 cached per source, compiler, torch build and host under ``$LITPLUG_CACHE_DIR`` (default

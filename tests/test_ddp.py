@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,21 +41,34 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _run_retrying_once(
+    command: list[str], timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a multi-process job; run it once more if it fails, with a warning that keeps the failure.
+
+    Two start-up failures not caused by litplug were seen, once each in many runs: a gloo worker
+    aborting at start-up, and `litplug fit` with the ddp strategy failing while other tests started
+    process groups at the same time (likely a race for the free port Lightning picks). A second
+    failure fails the test; a first one shows in pytest's warnings summary with its stderr.
+    """
+    completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if completed.returncode != 0:
+        warnings.warn(
+            f"retrying {' '.join(command[1:4])}... after exit {completed.returncode}: {completed.stderr[-1500:]}",
+            stacklevel=2,
+        )
+        completed = subprocess.run(
+            command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd
+        )
+    return completed
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     # LITPLUG_DDP_CASES=plugin-admin,no-plugin (with -k) runs only those cases while working on one.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    for _attempt in range(2):  # one retry: a gloo worker was once seen aborting at start-up
-        completed = subprocess.run(
-            [*command, str(HERE / "ddp_worker.py"), str(out)],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if completed.returncode == 0:
-            break
+    completed = _run_retrying_once([*command, str(HERE / "ddp_worker.py"), str(out)], timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return out
 
@@ -135,7 +149,7 @@ def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root
         "--test_after_fit=false",
         f"--results_path={results}",
     ]
-    completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    completed = _run_retrying_once(command, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "Starting with 2 processes" in completed.stderr + completed.stdout
     import json

@@ -16,5 +16,8 @@ packages += [f"litplug.{root}.{sub}" for root in ROOTS for sub in find_packages(
 setup(
     packages=packages,
     package_dir={f"litplug.{root}": root for root in ROOTS},
-    package_data={"litplug.plugins": ["*/README.md", "ghost_bn/kernel.c"], "litplug.callbacks": ["*/README.md"]},
+    package_data={
+        "litplug.plugins": ["*/README.md", "ghost_bn/kernel.c"],
+        "litplug.callbacks": ["*/README.md"],
+    },
 )

@@ -98,6 +98,9 @@ CASES = {  # name -> (input shape, ghost size, GhostBatchNorm keywords)
     "conv_long_channels": ((64, 3, 40, 40), 32, {}),
 }
 STREAMED_CASE = "conv_streamed"
+# [B, C] matrices of few 512-column blocks: with several threads the kernel narrows its blocks
+# (to 128 and 64 columns here with 2 and 4 threads; the second ends in a partial block)
+NARROWED_CASES = {"two_ghosts_of_128": ((256, 256), 128), "partial_narrow_block": ((200, 300), 100)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -122,6 +125,31 @@ def test_kernel_equals_torch_path(case: str, fresh_kernel: Path, monkeypatch: py
         torch.testing.assert_close(dict(layer.named_buffers())[name], buf, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("case", list(NARROWED_CASES))
+def test_narrowed_blocks_equal_torch_path(
+    case: str, threads: int, fresh_kernel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape, ghost = NARROWED_CASES[case]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(4)
+        reference = _layer(shape[1], ghost)
+        layer = copy.deepcopy(reference)
+        x, grad_out = torch.randn(*shape) * 2 - 1, torch.randn(*shape)
+        y_ref, grads_ref, _ = _run(reference, x, grad_out, False, monkeypatch)
+        y, grads, ran = _run(layer, x, grad_out, True, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert ran
+    torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name, buf in reference.named_buffers():
+        torch.testing.assert_close(dict(layer.named_buffers())[name], buf, atol=1e-6, rtol=1e-6)
+
+
 def test_the_streamed_case_is_large_enough_to_stream(fresh_kernel: Path) -> None:
     lib = compiled.load_kernel()
     assert lib is not None
@@ -141,7 +169,14 @@ def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
         try:
             # 2^18-2^20 values, far above the size from which the kernel runs threaded
             # (PARALLEL_MIN_VALUES), one per path: [B, C], long and short channels; the last streams
-            cases = (((1024, 256), 8), ((512, 8, 8, 8), 16), ((512, 64, 4, 4), 16), CASES[STREAMED_CASE][:2])
+            # and [B, C] with blocks narrowed under 2 threads
+            cases = (
+                ((1024, 256), 8),
+                ((512, 8, 8, 8), 16),
+                ((512, 64, 4, 4), 16),
+                CASES[STREAMED_CASE][:2],
+                *NARROWED_CASES.values(),
+            )
             for shape, ghost in cases:
                 layer = _layer(shape[1], ghost)
                 x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), requires_grad=True)

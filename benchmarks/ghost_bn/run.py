@@ -356,6 +356,7 @@ KERNEL_VARIANTS: dict[str, list[str]] = {  # name -> extra compiler flags
     "shipped": [],
     "no streaming stores": ["-DSTREAM_MIN_VALUES=(1LL<<62)"],
     "no short-channel path": ["-DSHORT_CHANNEL=2"],  # every S > 1 one ghost per work item
+    "no narrow blocks": ["-DMIN_BLOCK=512"],  # [B, C]: always 512 columns, however few blocks
 }
 VARIANT_CASES: list[tuple[tuple[int, ...], int, bool]] = [  # shape, ghost, followed by a ReLU
     ((512, 32, 8, 8), 16, False),
@@ -364,6 +365,10 @@ VARIANT_CASES: list[tuple[tuple[int, ...], int, bool]] = [  # shape, ghost, foll
     ((512, 64, 4, 4), 16, False),
     ((512, 32, 4, 4), 16, False),
     ((256, 32, 5, 5), 16, False),
+    ((512, 256), 16, False),
+    ((512, 256), 128, False),
+    ((256, 256), 128, False),
+    ((512, 64), 128, False),
 ]
 
 
@@ -400,7 +405,8 @@ def measure_kernel_variants(libs: dict[str, Any], repeats: int) -> list[tuple[st
     try:
         for shape, ghost, relu in VARIANT_CASES:
             torch.manual_seed(0)
-            layer = GhostBatchNorm.from_batchnorm(nn.BatchNorm2d(shape[1]), ghost)
+            bn_cls = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+            layer = GhostBatchNorm.from_batchnorm(bn_cls(shape[1]), ghost)
             module: nn.Module = nn.Sequential(layer, nn.ReLU()) if relu else layer
             x, grad_out = torch.randn(shape).requires_grad_(True), torch.randn(shape)
             step = _fwd_bwd(module, x, grad_out)
@@ -755,9 +761,11 @@ def main() -> None:
         "### kernel.c's design choices, measured",
         "",
         "The shipped kernel against the same source built without one of its choices (`-D` flags, "
-        "KERNEL_VARIANTS in this script): streaming stores for outputs of >= 2^20 values, and the "
+        "KERNEL_VARIANTS in this script): streaming stores for outputs of >= 2^20 values, the "
         "column-block path for channels of fewer than 64 values (without it, one ghost per work item "
-        f"as for long channels). `GhostBatchNorm` forward + backward, warm bursts of 3 calls (first not "
+        "as for long channels), and on [B, C] blocks narrowed below 512 columns until every thread has "
+        "two (without it, 512 columns however few blocks that makes; with one thread nothing narrows). "
+        f"`GhostBatchNorm` forward + backward, warm bursts of 3 calls (first not "
         f"counted), variants alternating, medians of {2 * repeats} calls"
         + ("" if variant_rows else " (not run: the kernel is unavailable here)")
         + ". The ReLU row reads the output right after it is written, as the next layer would.",

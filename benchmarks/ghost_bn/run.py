@@ -1,15 +1,19 @@
 """Ghost batch norm benchmark: layer speed (plain BN vs vectorised GBN vs a chunk loop) and the effect.
 
-    python benchmarks/ghost_bn/run.py                # full run, a few minutes on 2 CPU cores
+    python benchmarks/ghost_bn/run.py                # full run, about 6 minutes on 2 CPU cores
     python benchmarks/ghost_bn/run.py --quick        # smoke run (seconds); does not overwrite RESULTS.md
     python benchmarks/ghost_bn/run.py --speed-only   # speed table only; prints, does not overwrite
 
 Speed: forward + backward of one normalisation layer on fixed activations, and one whole training
-step of the MLP and the CNN on real digits (the issue's "step time"); the three variants timed
-round-robin (so machine load hits them alike), medians over repeats, ``--threads`` torch threads
-(default 1: on a shared machine one thread per process is what can be had reliably). Besides the
-ratio of the medians, each round's ``GBN / BN`` ratio (two calls a few microseconds apart) gives a
-paired estimate whose quartiles show how much the machine's load moved the result.
+step of the MLP and the CNN on real digits (the issue's "step time"); the variants timed round-robin
+(so machine load hits them alike), medians over repeats, with 1 and then 2 torch threads
+(``--threads``; 2 is torch's default on the 2-core machines this project runs on), the layer table
+three times per thread count (``--speed-runs``: single figures move 10-30% between runs minutes
+apart on a shared machine). Besides the ratio of the medians, each round's ``GBN / BN`` ratio (two
+calls a few microseconds apart) gives a paired estimate whose quartiles show how much the
+machine's load moved the result. Two bounds are measured beside them: a layer that only moves the
+bytes a normalisation must move (``MemoryFloorLayer``), and the training step with no normalisation
+at all; the targets table at the top of RESULTS.md is computed from all of it.
 Effect: digits classifiers with BatchNorm (the MLP and the CNN) trained with a small batch (32), a
 large batch (512) with plain BN, the large batch with GBN (ghost 32), and both large-batch regimes
 for 4x the epochs (the paper's regime adaptation), 10 seeds; test accuracy and generalisation gap
@@ -72,6 +76,32 @@ class ChunkLoopGhostBatchNorm(nn.Module):
                 for c in chunks
             ]
         )
+
+
+class _MoveBytes(torch.autograd.Function):
+    """Moves the bytes a normalisation layer must move and computes nothing: forward reads ``x`` and
+    writes an output, backward reads ``x`` and the output gradient and writes the input gradient
+    (one fused torch op each way), through a Python autograd node like GhostBatchNorm's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.mul(1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return torch.add(grad_out, x)
+
+
+class MemoryFloorLayer(nn.Module):
+    """A bound, not a normalisation: no layer that reads its input and writes its output forwards,
+    and reads the input and the output gradient and writes the input gradient backwards, can beat
+    it (on memory-bound shapes). ``loop / floor`` is the largest ``loop / GBN`` any kernel can show."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = _MoveBytes.apply(x)
+        return out
 
 
 def _fwd_bwd(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], None]:
@@ -144,7 +174,8 @@ class SpeedRow:
     torch_ops_ms: float
     loop_ms: float
     paired: tuple[float, float, float]  # quartiles of the per-round GBN / BN ratio
-    warm_ms: dict[str, float]  # medians in bursts (see _time_bursts): plain, ghost, loop
+    warm_ms: dict[str, float]  # medians in bursts (see _time_bursts): plain, ghost, loop, floor
+    floor_ms: float  # MemoryFloorLayer: the bytes moved, nothing computed
 
     @property
     def num_ghosts(self) -> int:
@@ -162,6 +193,7 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
         "ghost": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost),
         "torch_ops": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost, use_kernel=False),
         "loop": ChunkLoopGhostBatchNorm(copy.deepcopy(bn), ghost),
+        "floor": MemoryFloorLayer(),
     }
     numel = math.prod(shape)
     inner = max(1, int(1_000_000 // numel))  # small (fast) shapes get more timed calls
@@ -169,11 +201,19 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     ms = {name: statistics.median(values) for name, values in samples.items()}
     ratios = [g / p for g, p in zip(samples["ghost"], samples["plain"], strict=True)]
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
-    warm_layers = {k: layers[k] for k in ("plain", "ghost", "loop")}
+    warm_layers = {k: layers[k] for k in ("plain", "ghost", "loop", "floor")}
     warm = _time_bursts({k: _fwd_bwd(v, x, grad_out) for k, v in warm_layers.items()}, repeats, inner + 1)
     warm_ms = {name: statistics.median(values) for name, values in warm.items()}
     return SpeedRow(
-        shape, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"], (q1, q2, q3), warm_ms
+        shape,
+        ghost,
+        ms["plain"],
+        ms["ghost"],
+        ms["torch_ops"],
+        ms["loop"],
+        (q1, q2, q3),
+        warm_ms,
+        ms["floor"],
     )
 
 
@@ -214,6 +254,17 @@ class StepRow:
     ghost_ms: float
     torch_ops_ms: float
     loop_ms: float
+    no_norm_ms: float  # the model without its normalisation layers: the bound for any GBN step
+
+
+def _without_norms(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm replaced by ``nn.Identity`` (a normalisation that costs nothing)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.Identity())
+        else:
+            _without_norms(child)
+    return model
 
 
 def _without_kernel(model: nn.Module) -> nn.Module:
@@ -234,10 +285,11 @@ def measure_step_speed(kind: str, ghost: int, repeats: int, batch: int = 512) ->
         "ghost": replace_batchnorms(copy.deepcopy(base), ghost),
         "torch_ops": _without_kernel(replace_batchnorms(copy.deepcopy(base), ghost)),
         "loop": _with_chunk_loops(copy.deepcopy(base), ghost),
+        "no_norm": _without_norms(copy.deepcopy(base)),
     }
     samples = _time_round_robin({k: _train_step(m, x, y) for k, m in models.items()}, repeats, 1)
     ms = {name: statistics.median(values) for name, values in samples.items()}
-    return StepRow(kind, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"])
+    return StepRow(kind, ghost, ms["plain"], ms["ghost"], ms["torch_ops"], ms["loop"], ms["no_norm"])
 
 
 STEP_CASES: list[tuple[str, int]] = [("cnn", 8), ("cnn", 16), ("cnn", 32), ("cnn", 128)]
@@ -251,14 +303,15 @@ STEP_MODELS = {
 def step_table(rows: list[StepRow]) -> list[str]:
     lines = [
         "| model, input | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
-        "| GBN / BN | torch ops / BN | loop / GBN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| no norm ms | GBN / BN | torch ops / BN | loop / GBN | loop / no norm (bound) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {STEP_MODELS[r.kind]} | {r.ghost} | {512 // r.ghost} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
-            f"{r.torch_ops_ms:.3f} | {r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | "
-            f"{r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x |"
+            f"{r.torch_ops_ms:.3f} | {r.loop_ms:.3f} | {r.no_norm_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | "
+            f"{r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x | "
+            f"{r.loop_ms / r.no_norm_ms:.2f}x |"
         )
     return lines
 
@@ -600,8 +653,9 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
     lines = [
         "| activation | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
         "| GBN / BN | paired GBN / BN: median [quartiles] | torch ops / BN | loop / GBN "
-        "| warm: BN ms | warm: GBN / BN | warm: loop / GBN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| memory floor ms | loop / floor (bound) | warm: BN ms | warm: GBN / BN | warm: loop / GBN "
+        "| warm: loop / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q1, q2, q3 = r.paired
@@ -610,7 +664,9 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
             f"| {list(r.shape)} | {r.ghost} | {r.num_ghosts} | {r.plain_ms:.3f} | {r.ghost_ms:.3f} | "
             f"{r.torch_ops_ms:.3f} | {r.loop_ms:.3f} | {r.ghost_ms / r.plain_ms:.2f}x | "
             f"{q2:.2f}x [{q1:.2f}, {q3:.2f}] | {r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x | "
-            f"{w['plain']:.3f} | {w['ghost'] / w['plain']:.2f}x | {w['loop'] / w['ghost']:.2f}x |"
+            f"{r.floor_ms:.3f} | {r.loop_ms / r.floor_ms:.2f}x | "
+            f"{w['plain']:.3f} | {w['ghost'] / w['plain']:.2f}x | {w['loop'] / w['ghost']:.2f}x | "
+            f"{w['loop'] / w['floor']:.2f}x |"
         )
     return lines
 
@@ -621,10 +677,12 @@ def _timing_summary(row: SpeedRow | StepRow) -> str:
         f"torch ops {row.torch_ops_ms / row.plain_ms:.2f}x, loop {row.loop_ms:.3f} ms "
         f"({row.loop_ms / row.ghost_ms:.2f}x GBN)"
     ) + (
-        f"; warm: GBN {row.warm_ms['ghost'] / row.warm_ms['plain']:.2f}x BN, "
-        f"loop {row.warm_ms['loop'] / row.warm_ms['ghost']:.2f}x GBN"
+        f", floor {row.floor_ms:.3f} ms (loop {row.loop_ms / row.floor_ms:.2f}x floor); "
+        f"warm: GBN {row.warm_ms['ghost'] / row.warm_ms['plain']:.2f}x BN, "
+        f"loop {row.warm_ms['loop'] / row.warm_ms['ghost']:.2f}x GBN, "
+        f"{row.warm_ms['loop'] / row.warm_ms['floor']:.2f}x floor"
         if isinstance(row, SpeedRow)
-        else ""
+        else f", no norm {row.no_norm_ms:.3f} ms (loop {row.loop_ms / row.no_norm_ms:.2f}x no norm)"
     )
 
 
@@ -635,13 +693,196 @@ def _kernel_status() -> str:
     return f"compiled `{Path(lib._name).name}` from `plugins/ghost_bn/kernel.c`"
 
 
+@dataclass
+class SpeedSection:
+    """Everything the speed part measures with one torch thread count."""
+
+    threads: int
+    layer_runs: list[list[SpeedRow]]  # the layer table, measured ``--speed-runs`` times
+    step_rows: list[StepRow]
+    recipe_rows: list[tuple[tuple[int, ...], int, float, float, float]]
+    profile: list[tuple[str, float, float]]
+    variant_rows: list[tuple[str, dict[str, float]]]
+
+
+def measure_speed_section(threads: int, repeats: int, runs: int) -> SpeedSection:
+    torch.set_num_threads(threads)
+    layer_runs: list[list[SpeedRow]] = []
+    for run in range(runs):
+        layer_runs.append([])
+        for shape, ghost in SPEED_CASES:
+            row = measure_speed(shape, ghost, repeats)
+            layer_runs[-1].append(row)
+            q1, q2, q3 = row.paired
+            print(
+                f"threads {threads} run {run + 1}: {list(shape)} g={ghost}: {_timing_summary(row)}; "
+                f"paired {q2:.2f}x [{q1:.2f}, {q3:.2f}]",
+                flush=True,
+            )
+    step_rows = []
+    for kind, ghost in STEP_CASES:
+        step_rows.append(measure_step_speed(kind, ghost, repeats))
+        print(f"threads {threads}: step {kind} g={ghost}: {_timing_summary(step_rows[-1])}", flush=True)
+    recipe_rows = [
+        (shape, ghost, *measure_methods_recipe(shape, ghost, repeats)) for shape, ghost in RECIPE_CASES
+    ]
+    profile = kernel_profile((512, 256), (128, 32, 16, 8), 5 * repeats)
+    with tempfile.TemporaryDirectory() as variant_dir:
+        variant_rows = measure_kernel_variants(build_kernel_variants(Path(variant_dir)), repeats)
+    return SpeedSection(threads, layer_runs, step_rows, recipe_rows, profile, variant_rows)
+
+
+def _threads(n: int) -> str:
+    return f"{n} torch thread{'s' if n > 1 else ''}"
+
+
+def runs_table(section: SpeedSection) -> list[str]:
+    """The layer ratios of every run side by side: how far they move between runs minutes apart."""
+    runs = section.layer_runs
+    lines = [
+        "| activation, g | ghost batches | "
+        + " | ".join(
+            f"run {i + 1}: GBN / BN, loop / GBN, loop / floor; warm: GBN / BN, loop / GBN"
+            for i in range(len(runs))
+        )
+        + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for rows in zip(*runs, strict=True):
+        cells = []
+        for r in rows:
+            w = r.warm_ms
+            cells.append(
+                f"{r.ghost_ms / r.plain_ms:.2f}x, {r.loop_ms / r.ghost_ms:.2f}x, {r.loop_ms / r.floor_ms:.2f}x; "
+                f"warm {w['ghost'] / w['plain']:.2f}x, {w['loop'] / w['ghost']:.2f}x"
+            )
+        first = rows[0]
+        lines.append(
+            f"| {list(first.shape)} g={first.ghost} | {first.num_ghosts} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}x" if len(values) > 1 else f"{values[0]:.2f}x"
+
+
+def target_lines(sections: list[SpeedSection]) -> list[str]:
+    """Each speed target against the measurements above, per thread count (computed, not typed)."""
+    lines = [
+        "| target | torch threads | measured | verdict |",
+        "|---|---|---|---|",
+    ]
+    for sec in sections:
+        rows = [r for run in sec.layer_runs for r in run]
+        call = [r.ghost_ms / r.plain_ms for r in rows]
+        warm = [r.warm_ms["ghost"] / r.warm_ms["plain"] for r in rows]
+        worst = max(rows, key=lambda r: r.ghost_ms / r.plain_ms)
+        verdict = "met" if max(call) <= 1.3 and max(warm) <= 1.3 else "NOT met"
+        lines.append(
+            f"| GBN / BN <= 1.3x in every shape (METHODS.md) | {sec.threads} | call by call {_range(call)} "
+            f"(worst {list(worst.shape)} g={worst.ghost}); warm {_range(warm)} | {verdict} |"
+        )
+        many = [r for r in rows if r.num_ghosts >= 32]
+        misses = [r for r in many if r.loop_ms / r.ghost_ms < 3.0]
+        warm_misses = [r for r in many if r.warm_ms["loop"] / r.warm_ms["ghost"] < 3.0]
+        listed = "; ".join(
+            f"{list(r.shape)} g={r.ghost}: {r.loop_ms / r.ghost_ms:.2f}x (floor bound {r.loop_ms / r.floor_ms:.2f}x)"
+            for r in misses
+        )
+        total = len(many)
+        verdict = (
+            "met"
+            if not misses and not warm_misses
+            else (
+                f"NOT met in {len(misses)} of {total} call-by-call and {len(warm_misses)} of {total} warm measurements"
+            )
+        )
+        lines.append(
+            f"| loop / GBN >= 3x at >= 32 ghost batches (METHODS.md) | {sec.threads} | call by call "
+            f"{_range([r.loop_ms / r.ghost_ms for r in many])}, warm "
+            f"{_range([r.warm_ms['loop'] / r.warm_ms['ghost'] for r in many])}"
+            + (f"; below 3x call by call: {listed}" if misses else "")
+            + f" | {verdict} |"
+        )
+        for kind in ("cnn", "mlp"):
+            step = next((r for r in sec.step_rows if r.kind == kind and r.ghost == 32), None)
+            if step is None:
+                continue
+            ratio = step.ghost_ms / step.plain_ms
+            lines.append(
+                f"| step GBN / BN <= 1.15x, {kind}, g = 32 (issue 2; the issue names the CNN) | {sec.threads} | "
+                f"{ratio:.2f}x | {'met' if ratio <= 1.15 else 'NOT met'} |"
+            )
+            speedup, bound = step.loop_ms / step.ghost_ms, step.loop_ms / step.no_norm_ms
+            verdict = (
+                "met"
+                if speedup >= 2
+                else (
+                    "NOT met, and out of reach: a normalisation costing nothing would be only "
+                    f"{bound:.2f}x faster than the loop"
+                    if bound < 2
+                    else "NOT met"
+                )
+            )
+            lines.append(
+                f"| step loop / GBN >= 2x, {kind}, g = 32 (issue 2) | {sec.threads} | {speedup:.2f}x "
+                f"(bound: loop / no-norm step {bound:.2f}x) | {verdict} |"
+            )
+    return lines
+
+
+def section_lines(sec: SpeedSection) -> list[str]:
+    variants = (
+        variant_table(sec.variant_rows) if sec.variant_rows else ["(not run: the kernel is unavailable here)"]
+    )
+    return [
+        f"## Speed with {_threads(sec.threads)}",
+        "",
+        f"### One normalisation layer, forward + backward (run 1 of {len(sec.layer_runs)})",
+        "",
+        *speed_table(sec.layer_runs[0]),
+        "",
+        f"### The layer ratios of all {len(sec.layer_runs)} runs",
+        "",
+        *runs_table(sec),
+        "",
+        "### A whole training step of a model on digits",
+        "",
+        *step_table(sec.step_rows),
+        "",
+        "### METHODS.md's recipe",
+        "",
+        "| activation | ghost g | plain BN ms | GhostBatchNorm / BN | METHODS.md recipe / BN |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {list(shape)} | {ghost} | {plain:.3f} | {ghost_ms / plain:.2f}x | {recipe / plain:.2f}x |"
+            for shape, ghost, plain, ghost_ms, recipe in sec.recipe_rows
+        ],
+        "",
+        "### Where the time goes on [512, 256]: the kernels alone",
+        "",
+        "| kernel input | forward us | backward us |",
+        "|---|---|---|",
+        *[f"| {label} | {fwd_us:.0f} | {bwd_us:.0f} |" for label, fwd_us, bwd_us in sec.profile],
+        "",
+        "### kernel.c's design choices",
+        "",
+        *variants,
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few repeats, 1 seed, 2 epochs")
     parser.add_argument(
-        "--speed-only", action="store_true", help="only the speed table (printed; RESULTS.md untouched)"
+        "--speed-only", action="store_true", help="only the speed part (printed; RESULTS.md untouched)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (set_num_threads)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, each measured in turn"
+    )
+    parser.add_argument("--speed-runs", type=int, default=3, help="times the layer table is measured")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=41, help="timed samples per speed case")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the batch-32 and batch-512 runs")
@@ -649,41 +890,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
     epochs = 2 if args.quick else args.epochs
     repeats = 5 if args.quick else args.repeats
+    speed_runs = 1 if args.quick else args.speed_runs
     load_before = os.getloadavg()
     started = time.perf_counter()
 
-    rows = []
-    for shape, ghost in SPEED_CASES:
-        rows.append(measure_speed(shape, ghost, repeats))
-        q1, q2, q3 = rows[-1].paired
-        print(
-            f"{list(shape)} g={ghost}: {_timing_summary(rows[-1])}; paired {q2:.2f}x [{q1:.2f}, {q3:.2f}]",
-            flush=True,
-        )
-
-    step_rows = []
-    for kind, ghost in STEP_CASES:
-        step_rows.append(measure_step_speed(kind, ghost, repeats))
-        print(f"step {kind} g={ghost}: {_timing_summary(step_rows[-1])}", flush=True)
-
-    recipe_rows = [
-        (shape, ghost, *measure_methods_recipe(shape, ghost, repeats)) for shape, ghost in RECIPE_CASES
-    ]
-    for shape, ghost, plain, ghost_ms, recipe in recipe_rows:
-        print(
-            f"recipe {list(shape)} g={ghost}: GBN {ghost_ms / plain:.2f}x BN, METHODS recipe {recipe / plain:.2f}x BN"
-        )
-
-    profile = kernel_profile((512, 256), (128, 32, 16, 8), 5 * repeats)
-    for label, fwd_us, bwd_us in profile:
-        print(f"kernel {label}: forward {fwd_us:.0f} us, backward {bwd_us:.0f} us", flush=True)
-    with tempfile.TemporaryDirectory() as variant_dir:
-        variant_rows = measure_kernel_variants(build_kernel_variants(Path(variant_dir)), repeats)
+    sections = [measure_speed_section(threads, repeats, speed_runs) for threads in args.threads]
     load_speed = os.getloadavg()
+    torch.set_num_threads(args.threads[0])
     effect: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for kind in [] if args.speed_only else args.models:
         for regime in regimes(epochs, args.lr):
@@ -701,77 +917,64 @@ def main() -> None:
         f"- Command: `{command}`",
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC; wall time {elapsed:.0f} s",
         f"- torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}, "
-        f"{platform.machine()}; torch threads: {torch.get_num_threads()}",
+        f"{platform.machine()}; torch threads: {', '.join(str(t) for t in args.threads)} (speed), "
+        f"{args.threads[0]} (effect)",
         f"- Ghost kernel: {_kernel_status()}",
         f"- Machine load average (1 / 5 / 15 min) before: {_load(load_before)}; after the speed part: "
         f"{_load(load_speed)}; at the end: {_load(load_after)}; {os.cpu_count()} CPUs (the round-robin "
         "timing spreads any load over all variants alike)",
         "",
-        "## Speed: one normalisation layer, forward + backward",
+        "## The speed targets against these measurements",
         "",
-        f"Median over >= {repeats} calls per variant, alternating call by call; plain BN = `nn.BatchNorm`, GBN = "
-        "`GhostBatchNorm` as shipped (the compiled kernel where it applies), GBN torch ops = the same layer "
-        "with `use_kernel=False` (one fused `torch.batch_norm` on ghosts folded into channels), chunk "
-        "loop = `F.batch_norm` per chunk + `cat`. Targets (METHODS.md): GBN / BN <= 1.3x in every shape; "
-        "loop / GBN >= 3x at >= 32 ghost batches. Paired = each round's GBN call divided by the BN call "
-        "just before it; its quartiles show the spread the machine's load caused. Call by call, each "
-        "variant's input was last touched by the other variants' calls; the *warm* columns time bursts "
-        "of one variant's calls (2 per burst on conv shapes, 8 on [512, 256]; the first of each burst "
-        "not counted), variants alternating burst by burst: the input in cache, as when the layer "
-        "follows the layer that wrote it.",
+        "Computed by the script from the tables below (every run of the layer table counts).",
         "",
-        *speed_table(rows),
+        *target_lines(sections),
         "",
-        "## Speed: a whole training step of a model on digits",
+        "## How the speed is measured",
         "",
-        f"Forward, cross-entropy, backward and SGD step on the first 512 training digits, the same model with "
-        f"plain BatchNorm, with `GhostBatchNorm` (`replace_batchnorms`; compiled kernel), the same with "
-        f"`use_kernel=False` (torch ops) and with the chunk loop, alternating "
-        f"step by step, medians of {repeats * 1} steps each. The issue's target (issue 2): step time of a CNN on "
-        "digits at batch 512, ghost 32: <= 1.15x plain BN and >= 2x faster than the loop.",
+        f"- One layer: forward + backward, median over >= {repeats} calls per variant, alternating call by "
+        "call; plain BN = `nn.BatchNorm`, GBN = `GhostBatchNorm` as shipped (the compiled kernel where it "
+        "applies), GBN torch ops = the same layer with `use_kernel=False` (one fused `torch.batch_norm` on "
+        "ghosts folded into channels), chunk loop = `F.batch_norm` per chunk + `cat`, memory floor = a "
+        "layer that moves the bytes a normalisation must move and computes nothing (forward: read the "
+        "input, write the output; backward: read the input and the output gradient, write the input "
+        "gradient; `MemoryFloorLayer`), so `loop / floor` bounds the `loop / GBN` any kernel can reach. "
+        "Paired = each round's GBN call divided by the BN call just before it; its quartiles show the "
+        "spread the machine's load caused. Call by call, each variant's input was last touched by the "
+        "other variants' calls; the *warm* columns time bursts of one variant's calls (2 per burst on "
+        "conv shapes, 8 on [512, 256]; the first of each burst not counted), variants alternating burst "
+        "by burst: the input in cache, as when the layer follows the layer that wrote it. The layer "
+        f"table is measured {speed_runs} time(s) per thread count; the first run's table is shown whole "
+        "and every run's ratios side by side.",
+        f"- Training step: forward, cross-entropy, backward and SGD step on the first 512 training digits, "
+        f"the same model with plain BatchNorm, with `GhostBatchNorm` (`replace_batchnorms`; compiled "
+        f"kernel), the same with `use_kernel=False` (torch ops), with the chunk loop, and with no "
+        f"normalisation at all (every BatchNorm an `nn.Identity`: what a normalisation costing nothing "
+        f"would give), alternating step by step, medians of {repeats} steps each. The issue's target "
+        "(issue 2): step time of a CNN on digits at batch 512, ghost 32: <= 1.15x plain BN and >= 2x "
+        "faster than the loop.",
+        "- METHODS.md's recipe: METHODS.md reports 1.24-1.47x plain BN 'in every shape' for folding "
+        "contiguous ghost chunks into channels with a transpose, one `F.batch_norm` without affine, and "
+        "the affine applied afterwards; the same recipe (`MethodsRecipeGhostBatchNorm` in this script), "
+        f"forward + backward, medians of >= {repeats} round-robin calls.",
+        "- The kernels alone: `torch.native_batch_norm` (training, with running buffers) and "
+        "`native_batch_norm_backward`, and the compiled ghost kernel's forward and backward, called "
+        f"without autograd, medians of {5 * repeats} calls each, round-robin. GhostBatchNorm's torch-ops "
+        "path runs torch's kernels on the folded `[g, m * C]` matrix (the same values with m times more "
+        "channels); its default path is the compiled kernel.",
+        "- kernel.c's design choices: the shipped kernel against the same source built without one of "
+        "its choices (`-D` flags, KERNEL_VARIANTS in this script): streaming stores for outputs of >= "
+        "2^20 values, the column-block path for channels of fewer than 64 values (without it, one ghost "
+        "per work item as for long channels), and on [B, C] blocks narrowed below 512 columns until "
+        "every thread has two (without it, 512 columns however few blocks that makes; with one thread "
+        "nothing narrows). `GhostBatchNorm` forward + backward, warm bursts of 3 calls (first not "
+        f"counted), variants alternating, medians of {2 * repeats} calls. The ReLU row reads the output "
+        "right after it is written, as the next layer would.",
         "",
-        *step_table(step_rows),
-        "",
-        "### METHODS.md's recipe, measured here",
-        "",
-        "METHODS.md reports 1.24-1.47x plain BN 'in every shape' for folding contiguous ghost chunks into "
-        "channels with a transpose, one `F.batch_norm` without affine, and the affine applied afterwards. "
-        f"The same recipe (`MethodsRecipeGhostBatchNorm` in this script), forward + backward, medians of "
-        f">= {repeats} round-robin calls:",
-        "",
-        "| activation | ghost g | plain BN ms | GhostBatchNorm / BN | METHODS.md recipe / BN |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {list(shape)} | {ghost} | {plain:.3f} | {ghost_ms / plain:.2f}x | {recipe / plain:.2f}x |"
-            for shape, ghost, plain, ghost_ms, recipe in recipe_rows
-        ],
-        "",
-        "### Where the time goes on [512, 256]: the kernels alone",
-        "",
-        f"`torch.native_batch_norm` (training, with running buffers) and `native_batch_norm_backward`, and "
-        f"the compiled ghost kernel's forward and backward, called without autograd, medians of "
-        f"{5 * repeats} calls each, round-robin. GhostBatchNorm's torch-ops path runs torch's kernels on "
-        "the folded `[g, m * C]` matrix (the same values with m times more channels); its default path "
-        "is the compiled kernel.",
-        "",
-        "| kernel input | forward us | backward us |",
-        "|---|---|---|",
-        *[f"| {label} | {fwd_us:.0f} | {bwd_us:.0f} |" for label, fwd_us, bwd_us in profile],
-        "",
-        "### kernel.c's design choices, measured",
-        "",
-        "The shipped kernel against the same source built without one of its choices (`-D` flags, "
-        "KERNEL_VARIANTS in this script): streaming stores for outputs of >= 2^20 values, the "
-        "column-block path for channels of fewer than 64 values (without it, one ghost per work item "
-        "as for long channels), and on [B, C] blocks narrowed below 512 columns until every thread has "
-        "two (without it, 512 columns however few blocks that makes; with one thread nothing narrows). "
-        f"`GhostBatchNorm` forward + backward, warm bursts of 3 calls (first not "
-        f"counted), variants alternating, medians of {2 * repeats} calls"
-        + ("" if variant_rows else " (not run: the kernel is unavailable here)")
-        + ". The ReLU row reads the output right after it is written, as the next layer would.",
-        "",
-        *variant_table(variant_rows),
-        "",
+    ]
+    for sec in sections:
+        lines += section_lines(sec)
+    lines += [
         "## Effect: digits, large batch with and without ghost batch norm",
         "",
         f"SGD (momentum 0.9, weight decay 5e-4, cosine schedule to 0), lr {args.lr} at batch 32 and "

@@ -407,15 +407,12 @@ def _compiled_kernel_steps(lib: Any, shape: tuple[int, int], ghost: int) -> dict
 
 KERNEL_VARIANTS: dict[str, list[str]] = {  # name -> extra compiler flags
     "shipped": [],
-    "no streaming stores": ["-DSTREAM_MIN_VALUES=(1LL<<62)"],
     "no short-channel path": ["-DSHORT_CHANNEL=2"],  # every S > 1 one ghost per work item
     "no narrow blocks": ["-DMIN_BLOCK=512"],  # [B, C]: always 512 columns, however few blocks
 }
 VARIANT_CASES: list[tuple[tuple[int, ...], int, bool]] = [  # shape, ghost, followed by a ReLU
-    ((512, 32, 8, 8), 16, False),
-    ((512, 32, 8, 8), 16, True),
-    ((512, 64, 8, 8), 16, False),
     ((512, 64, 4, 4), 16, False),
+    ((512, 64, 4, 4), 16, True),
     ((512, 32, 4, 4), 16, False),
     ((256, 32, 5, 5), 16, False),
     ((512, 256), 16, False),
@@ -786,6 +783,9 @@ def target_lines(sections: list[SpeedSection]) -> list[str]:
         many = [r for r in rows if r.num_ghosts >= 32]
         misses = [r for r in many if r.loop_ms / r.ghost_ms < 3.0]
         warm_misses = [r for r in many if r.warm_ms["loop"] / r.warm_ms["ghost"] < 3.0]
+        # out of reach: even the memory floor (no arithmetic at all) is under 3x faster than the loop
+        unreachable = [r for r in misses if r.loop_ms / r.floor_ms < 3.0]
+        warm_unreachable = [r for r in warm_misses if r.warm_ms["loop"] / r.warm_ms["floor"] < 3.0]
         listed = "; ".join(
             f"{list(r.shape)} g={r.ghost}: {r.loop_ms / r.ghost_ms:.2f}x (floor bound {r.loop_ms / r.floor_ms:.2f}x)"
             for r in misses
@@ -794,9 +794,9 @@ def target_lines(sections: list[SpeedSection]) -> list[str]:
         verdict = (
             "met"
             if not misses and not warm_misses
-            else (
-                f"NOT met in {len(misses)} of {total} call-by-call and {len(warm_misses)} of {total} warm measurements"
-            )
+            else f"NOT met in {len(misses)} of {total} call-by-call measurements ({len(unreachable)} of them "
+            f"out of reach: loop / floor < 3x) and {len(warm_misses)} of {total} warm ones "
+            f"({len(warm_unreachable)} out of reach)"
         )
         lines.append(
             f"| loop / GBN >= 3x at >= 32 ghost batches (METHODS.md) | {sec.threads} | call by call "
@@ -963,9 +963,9 @@ def main() -> None:
         "path runs torch's kernels on the folded `[g, m * C]` matrix (the same values with m times more "
         "channels); its default path is the compiled kernel.",
         "- kernel.c's design choices: the shipped kernel against the same source built without one of "
-        "its choices (`-D` flags, KERNEL_VARIANTS in this script): streaming stores for outputs of >= "
-        "2^20 values, the column-block path for channels of fewer than 64 values (without it, one ghost "
-        "per work item as for long channels), and on [B, C] blocks narrowed below 512 columns until "
+        "its choices (`-D` flags, KERNEL_VARIANTS in this script): the column-block path for channels "
+        "of fewer than 64 values (without it, one ghost per work item as for long channels), and on "
+        "[B, C] blocks narrowed below 512 columns until "
         "every thread has two (without it, 512 columns however few blocks that makes; with one thread "
         "nothing narrows). `GhostBatchNorm` forward + backward, warm bursts of 3 calls (first not "
         f"counted), variants alternating, medians of {2 * repeats} calls. The ReLU row reads the output "

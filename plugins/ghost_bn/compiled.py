@@ -41,7 +41,7 @@ __all__ = ["KERNEL_ENV", "kernel_applies", "kernel_ghost_batch_norm", "load_kern
 
 KERNEL_ENV = "LITPLUG_GHOST_BN_KERNEL"
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 COMPILE_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -121,7 +121,6 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.litplug_gbn_forward.restype = ctypes.c_int
     lib.litplug_gbn_backward.argtypes = [ptr] * 8 + [i64] * 4
     lib.litplug_gbn_backward.restype = ctypes.c_int
-    lib.litplug_gbn_stream_min_values.restype = i64
     return lib
 
 

@@ -8,7 +8,8 @@
    channels) runs batch_norm on m times more, m times shorter channels, which costs up to 2.9x plain
    BatchNorm on [512, 256] activations. Here each ghost batch (or block of columns) is normalised
    while it is in cache: two passes for mean and variance, one for the output; backward the same.
-   Only the first pass reads memory; large conv outputs are written with streaming stores.
+   Only the first pass reads memory. (Streaming stores for large outputs were measured and removed:
+   faster for the layer alone, 2-9% slower for a training step; see benchmarks/ghost_bn.)
 
    Three layouts of the work, by S: [B, C] (S = 1) and short channels (S < 64) in blocks of
    columns of the folded [g, m * C * S] matrix, long channels one ghost per work item.
@@ -25,11 +26,8 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
-#define LITPLUG_GBN_ABI 4
+#define LITPLUG_GBN_ABI 5
 
 int litplug_gbn_abi(void) { return LITPLUG_GBN_ABI; }
 
@@ -155,116 +153,28 @@ static void backward_columns(const float *dy, const float *x, const float *weigh
     }
 }
 
-/* ---- streamed stores and per-thread scratch (the [B, C, S] paths) ------------------------------ */
+/* ---- output loops and per-thread scratch (the [B, C, S] paths) --------------------------------- */
 
-/* Activations of at least this many values get their output (y forwards, dx backwards) written
-   with streaming stores, which skip reading each destination line into the cache first: one
-   memory pass fewer. benchmarks/ghost_bn, forward + backward of [512, 32, 8, 8] and [512, 64, 8, 8]
-   without them: 1.23-1.49x the time (followed by a ReLU, which reads the output: 1.09-1.15x).
-   On 2 MB activations the next layer's reads from cache are worth more (a SmallCNN step). */
-#ifndef STREAM_MIN_VALUES /* benchmarks/ghost_bn builds variants with other values */
-#define STREAM_MIN_VALUES (1 << 20)
-#endif
-
-#if defined(__AVX512F__)
-#define VW 16
-typedef __m512 vec;
-#define vload _mm512_loadu_ps
-#define vset1 _mm512_set1_ps
-#define vmul _mm512_mul_ps
-#define vadd _mm512_add_ps
-#define vstream _mm512_stream_ps
-#elif defined(__AVX__)
-#define VW 8
-typedef __m256 vec;
-#define vload _mm256_loadu_ps
-#define vset1 _mm256_set1_ps
-#define vmul _mm256_mul_ps
-#define vadd _mm256_add_ps
-#define vstream _mm256_stream_ps
-#else
-#define VW 0 /* no streaming stores in this build */
-#endif
-
-/* The size from which outputs are streamed; 0 when this build cannot stream (tests ask). */
-int64_t litplug_gbn_stream_min_values(void) { return VW ? STREAM_MIN_VALUES : 0; }
-
-/* Whether outputs of an activation of `values` values can be streamed when every run written is
-   `run` values long and starts `run` values apart from `out` (which must be vector-aligned). */
-static int can_stream(const float *out, int64_t values, int64_t run) {
-#if VW
-    return values >= STREAM_MIN_VALUES && run % VW == 0 && (uintptr_t)out % (VW * sizeof(float)) == 0;
-#else
-    (void)out, (void)values, (void)run;
-    return 0;
-#endif
-}
-
-/* Streamed stores are weakly ordered: make them visible before anyone reads the output. */
-static void stream_fence(int stream) {
-#if VW
-    if (stream) _mm_sfence();
-#else
-    (void)stream;
-#endif
-}
-
-/* The output loops, o = p * a + b and o = a * d + b * p + e, with coefficients per run (scalars)
-   or per value (arrays). The same rounding streamed or not: no fused multiply-add either way. */
-static inline void affine_run(const float *p, float *o, int64_t n, float a, float b, int stream) {
-#if VW
-    if (stream) {
-        const vec va = vset1(a), vb = vset1(b);
-        for (int64_t t = 0; t < n; t += VW) vstream(o + t, vadd(vmul(vload(p + t), va), vb));
-        return;
-    }
-#endif
-    (void)stream;
+/* o = p * a + b and o = a * d + b * p + e, with coefficients per run (scalars) or per value
+   (arrays). No fused multiply-add with GCC (-std=c99 turns contraction off). */
+static inline void affine_run(const float *p, float *o, int64_t n, float a, float b) {
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) o[t] = p[t] * a + b;
 }
 
-static inline void affine_values(const float *p, float *o, int64_t n, const float *a,
-                                 const float *b, int stream) {
-#if VW
-    if (stream) {
-        for (int64_t t = 0; t < n; t += VW)
-            vstream(o + t, vadd(vmul(vload(p + t), vload(a + t)), vload(b + t)));
-        return;
-    }
-#endif
-    (void)stream;
+static inline void affine_values(const float *p, float *o, int64_t n, const float *a, const float *b) {
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) o[t] = p[t] * a[t] + b[t];
 }
 
 static inline void grad_run(const float *d, const float *p, float *o, int64_t n, float a, float b,
-                            float e, int stream) {
-#if VW
-    if (stream) {
-        const vec va = vset1(a), vb = vset1(b), ve = vset1(e);
-        for (int64_t t = 0; t < n; t += VW)
-            vstream(o + t, vadd(vadd(vmul(va, vload(d + t)), vmul(vb, vload(p + t))), ve));
-        return;
-    }
-#endif
-    (void)stream;
+                            float e) {
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) o[t] = a * d[t] + b * p[t] + e;
 }
 
 static inline void grad_values(const float *d, const float *p, float *o, int64_t n, const float *a,
-                               const float *b, const float *e, int stream) {
-#if VW
-    if (stream) {
-        for (int64_t t = 0; t < n; t += VW) {
-            const vec ad = vmul(vload(a + t), vload(d + t)), bp = vmul(vload(b + t), vload(p + t));
-            vstream(o + t, vadd(vadd(ad, bp), vload(e + t)));
-        }
-        return;
-    }
-#endif
-    (void)stream;
+                               const float *b, const float *e) {
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) o[t] = a[t] * d[t] + b[t] * p[t] + e[t];
 }
@@ -317,7 +227,6 @@ static int forward_short_channels(const float *x, const float *weight, const flo
                                   int64_t C, int64_t S, float eps) {
     const int64_t width = block_columns(S), num_blocks = (N + width - 1) / width;
     const double n = (double)(g * S);
-    const int stream = can_stream(y, g * N, width) && N % width == 0; /* every block full, aligned */
     int failed = 0;
 #pragma omp parallel if (worth_threads(g * N))
     {
@@ -328,7 +237,7 @@ static int forward_short_channels(const float *x, const float *weight, const flo
         if (!failed) {
             float *acc = (float *)(sums + most), *a = acc + width, *b = a + width;
             float *scale = b + width, *shift = scale + most; /* per channel */
-#pragma omp for schedule(static) nowait /* each thread fences its own streamed stores */
+#pragma omp for schedule(static)
             for (int64_t block = 0; block < num_blocks; ++block) {
                 const int64_t j0 = block * width, len = min64(width, N - j0), channels = len / S;
                 const int64_t q0 = j0 / S; /* stats index k * C + c of the block's first channel */
@@ -362,9 +271,8 @@ static int forward_short_channels(const float *x, const float *weight, const flo
                 spread(scale, channels, S, a);
                 spread(shift, channels, S, b);
                 for (int64_t i = 0; i < g; ++i)
-                    affine_values(x + i * N + j0, y + i * N + j0, len, a, b, stream);
+                    affine_values(x + i * N + j0, y + i * N + j0, len, a, b);
             }
-            stream_fence(stream);
         }
         free(sums);
     }
@@ -377,7 +285,6 @@ static int backward_short_channels(const float *dy, const float *x, const float 
                                    int64_t C, int64_t S) {
     const int64_t width = block_columns(S), num_blocks = (N + width - 1) / width;
     const float inv_n = 1.f / (float)(g * S);
-    const int stream = can_stream(dx, g * N, width) && N % width == 0; /* every block full, aligned */
     int failed = 0;
 #pragma omp parallel if (worth_threads(g * N))
     {
@@ -389,7 +296,7 @@ static int backward_short_channels(const float *dy, const float *x, const float 
             float *s1 = (float *)(sums + 2 * most), *s2 = s1 + width;
             float *ca = s2 + width, *cb = ca + width, *cc = cb + width;
             float *a = cc + width, *b = a + most, *e = b + most; /* per channel */
-#pragma omp for schedule(static) nowait /* each thread fences its own streamed stores */
+#pragma omp for schedule(static)
             for (int64_t block = 0; block < num_blocks; ++block) {
                 const int64_t j0 = block * width, len = min64(width, N - j0), channels = len / S;
                 const int64_t q0 = j0 / S;
@@ -420,10 +327,9 @@ static int backward_short_channels(const float *dy, const float *x, const float 
                 spread(e, channels, S, cc);
                 for (int64_t i = 0; i < g; ++i) {
                     const int64_t at = i * N + j0;
-                    grad_values(dy + at, x + at, dx + at, len, ca, cb, cc, stream);
+                    grad_values(dy + at, x + at, dx + at, len, ca, cb, cc);
                 }
             }
-            stream_fence(stream);
         }
         free(sums);
     }
@@ -469,7 +375,6 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
                           float *means, float *invstds, float *vars, int64_t C, int64_t S,
                           int64_t m, int64_t g, float eps) {
     const int64_t values = g * m * C * S;
-    const int stream = can_stream(y, values, S);
     int failed = 0;
 #pragma omp parallel if (worth_threads(values))
     {
@@ -477,7 +382,7 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
         float *scale = acc ? (float *)(acc + C) : NULL, *shift = scale ? scale + C : NULL;
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static) nowait /* each thread fences its own streamed stores */
+#pragma omp for schedule(static)
             for (int64_t k = 0; k < m; ++k) {
                 float *mean = means + k * C, *var = vars + k * C, *invstd = invstds + k * C;
                 ghost_moments(x, C, S, m, g, k, mean, var, acc);
@@ -490,10 +395,9 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
                     const float *row = ROW(x, i);
                     float *out = ROW(y, i);
                     for (int64_t c = 0; c < C; ++c)
-                        affine_run(row + c * S, out + c * S, S, scale[c], shift[c], stream);
+                        affine_run(row + c * S, out + c * S, S, scale[c], shift[c]);
                 }
             }
-            stream_fence(stream);
         }
         free(acc);
     }
@@ -505,7 +409,6 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
                            float *sum_dy_xhat, int64_t C, int64_t S, int64_t m, int64_t g) {
     const float inv_n = 1.f / (float)(g * S);
     const int64_t values = g * m * C * S;
-    const int stream = can_stream(dx, values, S);
     int failed = 0;
 #pragma omp parallel if (worth_threads(values))
     {
@@ -513,7 +416,7 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
         float *coef = acc ? (float *)(acc + 2 * C) : NULL;
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static) nowait /* each thread fences its own streamed stores */
+#pragma omp for schedule(static)
             for (int64_t k = 0; k < m; ++k) {
                 const float *mean = means + k * C, *invstd = invstds + k * C;
                 double *a1 = acc, *a2 = acc + C;
@@ -542,10 +445,9 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
                     const float *xr = ROW(x, i), *dr = ROW(dy, i);
                     float *out = ROW(dx, i);
                     for (int64_t c = 0; c < C; ++c)
-                        grad_run(dr + c * S, xr + c * S, out + c * S, S, ca[c], cb[c], cc[c], stream);
+                        grad_run(dr + c * S, xr + c * S, out + c * S, S, ca[c], cb[c], cc[c]);
                 }
             }
-            stream_fence(stream);
         }
         free(acc);
     }

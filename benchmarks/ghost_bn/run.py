@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -36,7 +38,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ def _time_bursts(steps: dict[str, Callable[[], object]], repeats: int, burst: in
     return samples
 
 
-@dataclass
+@dataclasses.dataclass
 class SpeedRow:
     shape: tuple[int, ...]
     ghost: int
@@ -246,7 +247,7 @@ def _train_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
     return step
 
 
-@dataclass
+@dataclasses.dataclass
 class StepRow:
     kind: str
     ghost: int
@@ -537,7 +538,7 @@ RECIPE_CASES: list[tuple[tuple[int, ...], int]] = [
 # -- effect ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Regime:
     label: str
     batch_size: int
@@ -690,7 +691,7 @@ def _kernel_status() -> str:
     return f"compiled `{Path(lib._name).name}` from `plugins/ghost_bn/kernel.c`"
 
 
-@dataclass
+@dataclasses.dataclass
 class SpeedSection:
     """Everything the speed part measures with one torch thread count."""
 
@@ -727,6 +728,34 @@ def measure_speed_section(threads: int, repeats: int, runs: int) -> SpeedSection
     with tempfile.TemporaryDirectory() as variant_dir:
         variant_rows = measure_kernel_variants(build_kernel_variants(Path(variant_dir)), repeats)
     return SpeedSection(threads, layer_runs, step_rows, recipe_rows, profile, variant_rows)
+
+
+def _section_from_json(data: dict[str, Any]) -> SpeedSection:
+    def layer(row: dict[str, Any]) -> SpeedRow:
+        return SpeedRow(**{**row, "shape": tuple(row["shape"]), "paired": tuple(row["paired"])})
+
+    return SpeedSection(
+        threads=data["threads"],
+        layer_runs=[[layer(row) for row in run] for run in data["layer_runs"]],
+        step_rows=[StepRow(**row) for row in data["step_rows"]],
+        recipe_rows=[(tuple(r[0]), *r[1:]) for r in data["recipe_rows"]],  # type: ignore[misc]
+        profile=[tuple(r) for r in data["profile"]],  # type: ignore[misc]
+        variant_rows=[(label, ms) for label, ms in data["variant_rows"]],
+    )
+
+
+def speed_section_in_fresh_process(threads: int, repeats: int, runs: int) -> SpeedSection:
+    """:func:`measure_speed_section` in a new Python process: each thread count starts from a fresh
+    heap, as a training process does. (Measured in one process after the 1-thread section, the
+    2-thread GBN on [512, 32, 8, 8], g = 8 took 0.74-0.78x plain BN in three runs, against 0.51-0.53x
+    in a fresh process: which blocks the allocator hands back, and whether they must be faulted in
+    again, depends on everything the process did before.)"""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "section.json"
+        command = [sys.executable, __file__, "--section-json", str(out), "--threads", str(threads)]
+        command += ["--repeats", str(repeats), "--speed-runs", str(runs)]
+        subprocess.run(command, check=True)
+        return _section_from_json(json.loads(out.read_text()))
 
 
 def _threads(n: int) -> str:
@@ -809,25 +838,25 @@ def target_lines(sections: list[SpeedSection]) -> list[str]:
             step = next((r for r in sec.step_rows if r.kind == kind and r.ghost == 32), None)
             if step is None:
                 continue
+            named = kind == "cnn"  # the issue's targets name the CNN; the MLP rows are for reference
             ratio = step.ghost_ms / step.plain_ms
-            lines.append(
-                f"| step GBN / BN <= 1.15x, {kind}, g = 32 (issue 2; the issue names the CNN) | {sec.threads} | "
-                f"{ratio:.2f}x | {'met' if ratio <= 1.15 else 'NOT met'} |"
-            )
             speedup, bound = step.loop_ms / step.ghost_ms, step.loop_ms / step.no_norm_ms
-            verdict = (
-                "met"
-                if speedup >= 2
-                else (
-                    "NOT met, and out of reach: a normalisation costing nothing would be only "
-                    f"{bound:.2f}x faster than the loop"
-                    if bound < 2
-                    else "NOT met"
+            if named:
+                verdicts = ("met" if ratio <= 1.15 else "NOT met", "met" if speedup >= 2 else "NOT met")
+            else:
+                verdicts = ("(reference: the target names the CNN)",) * 2
+            if named and speedup < 2 and bound < 2:
+                verdicts = (
+                    verdicts[0],
+                    f"NOT met, and out of reach: a normalisation costing nothing would be only {bound:.2f}x "
+                    "faster than the loop",
                 )
+            lines.append(
+                f"| step GBN / BN <= 1.15x, {kind}, g = 32 (issue 2) | {sec.threads} | {ratio:.2f}x | {verdicts[0]} |"
             )
             lines.append(
                 f"| step loop / GBN >= 2x, {kind}, g = 32 (issue 2) | {sec.threads} | {speedup:.2f}x "
-                f"(bound: loop / no-norm step {bound:.2f}x) | {verdict} |"
+                f"(bound: loop / no-norm step {bound:.2f}x) | {verdicts[1]} |"
             )
     return lines
 
@@ -889,7 +918,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05, help="SGD lr at batch 32 (x4 at batch 512)")
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--section-json", type=Path, help=argparse.SUPPRESS)  # the per-thread-count child
     args = parser.parse_args()
+    if args.section_json is not None:
+        section = measure_speed_section(args.threads[0], args.repeats, args.speed_runs)
+        args.section_json.write_text(json.dumps(dataclasses.asdict(section)))
+        return
     seeds = 1 if args.quick else args.seeds
     epochs = 2 if args.quick else args.epochs
     repeats = 5 if args.quick else args.repeats
@@ -897,7 +931,7 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
 
-    sections = [measure_speed_section(threads, repeats, speed_runs) for threads in args.threads]
+    sections = [speed_section_in_fresh_process(threads, repeats, speed_runs) for threads in args.threads]
     load_speed = os.getloadavg()
     torch.set_num_threads(args.threads[0])
     effect: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -945,7 +979,7 @@ def main() -> None:
         "conv shapes, 8 on [512, 256]; the first of each burst not counted), variants alternating burst "
         "by burst: the input in cache, as when the layer follows the layer that wrote it. The layer "
         f"table is measured {speed_runs} time(s) per thread count; the first run's table is shown whole "
-        "and every run's ratios side by side.",
+        "and every run's ratios side by side. Each thread count is measured in a fresh Python process.",
         f"- Training step: forward, cross-entropy, backward and SGD step on the first 512 training digits, "
         f"the same model with plain BatchNorm, with `GhostBatchNorm` (`replace_batchnorms`; compiled "
         f"kernel), the same with `use_kernel=False` (torch ops), with the chunk loop, and with no "

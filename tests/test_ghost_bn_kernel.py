@@ -157,8 +157,8 @@ def test_result_does_not_depend_on_the_thread_count(fresh_kernel: Path) -> None:
         torch.manual_seed(1)
         try:
             # 2^18-2^20 values, far above the size from which the kernel runs threaded
-            # (PARALLEL_MIN_VALUES), one per path: [B, C], long and short channels, and a 4 MB one
-            # and [B, C] with blocks narrowed under 2 threads
+            # (PARALLEL_MIN_VALUES), one per path: [B, C], long and short channels, a 4 MB one, and
+            # [B, C] matrices whose blocks narrow under 2 threads
             cases = (
                 ((1024, 256), 8),
                 ((512, 8, 8, 8), 16),

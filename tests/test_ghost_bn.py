@@ -97,14 +97,19 @@ def _reference_loop(
     ghost: int,
     momentum: float,
     eps: float,
+    partition: str = "contiguous",
 ) -> Tensor:
-    """Python loop over the documented ghost batches: strided equal part, then one tail batch.
+    """Python loop over the documented ghost batches: the equal part (contiguous chunks, or strided
+    rows ``k, k + m, ...``), then one tail batch.
 
     Normalises each with hand-written statistics and updates ``running`` with the documented rule
     (size-weighted mean of ghost means, dof-weighted mean of unbiased ghost variances).
     """
     num_equal, _, tail = ghost_batch_sizes(x.shape[0], ghost)
-    groups = [torch.arange(k, num_equal * ghost, num_equal) for k in range(num_equal)]
+    if partition == "contiguous":
+        groups = [torch.arange(k * ghost, (k + 1) * ghost) for k in range(num_equal)]
+    else:
+        groups = [torch.arange(k, num_equal * ghost, num_equal) for k in range(num_equal)]
     if tail:
         groups.append(torch.arange(num_equal * ghost, x.shape[0]))
     dims = [0, *range(2, x.dim())]
@@ -130,9 +135,10 @@ def _reference_loop(
     return out
 
 
+@pytest.mark.parametrize("partition", ["contiguous", "strided"])
 @pytest.mark.parametrize("kind", list(SHAPES))
 @pytest.mark.parametrize("batch", [64, 70, 76])  # even; remainder 6 joins a ghost; remainder 12 alone
-def test_matches_reference_chunk_loop(kind: str, batch: int) -> None:
+def test_matches_reference_chunk_loop(kind: str, batch: int, partition: str) -> None:
     torch.manual_seed(2)
     bn_cls, shape = SHAPES[kind]
     shape = (batch, *shape[1:])
@@ -144,12 +150,12 @@ def test_matches_reference_chunk_loop(kind: str, batch: int) -> None:
     bias = bn.bias.detach().clone().requires_grad_(True)
     running = (bn.running_mean.clone(), bn.running_var.clone())
     x_ref = x.clone().requires_grad_(True)
-    _reference_loop(x_ref, weight, bias, running, 16, 0.1, bn.eps).backward(grad_out)
+    _reference_loop(x_ref, weight, bias, running, 16, 0.1, bn.eps, partition).backward(grad_out)
 
-    gbn = GhostBatchNorm.from_batchnorm(bn, 16)
+    gbn = GhostBatchNorm.from_batchnorm(bn, 16, partition=partition)  # type: ignore[arg-type]
     y, gx = _step(gbn, x, grad_out)
     y_ref = _reference_loop(
-        x, weight.detach(), bias.detach(), (running[0].clone(), running[1].clone()), 16, 0.1, 1e-5
+        x, weight.detach(), bias.detach(), (running[0].clone(), running[1].clone()), 16, 0.1, 1e-5, partition
     )
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, x_ref.grad, atol=1e-5, rtol=1e-5)
@@ -253,8 +259,8 @@ def test_ghost_statistics_differ_from_full_batch() -> None:
     x = torch.randn(64, 5) * torch.linspace(0.5, 3, 64)[:, None]  # ghost batches differ in scale
     y_ghost, y_full = gbn(x), bn(x)
     assert (y_ghost - y_full).abs().max() > 0.1
-    for k in range(8):  # ghost k = rows k, k+8, ...: each is normalised by its own statistics
-        rows = y_ghost[k::8]
+    for k in range(8):  # ghost k = rows 8k .. 8k+7: each is normalised by its own statistics
+        rows = y_ghost[8 * k : 8 * k + 8]
         torch.testing.assert_close(rows.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
         torch.testing.assert_close(rows.var(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
 
@@ -278,6 +284,28 @@ def test_functional_rejects_bad_arguments() -> None:
         ghost_batch_norm(x, None, None, None, None, 1, 0.1, 1e-5, True)
     with pytest.raises(ValueError, match="expected"):
         GhostBatchNorm.from_batchnorm(nn.BatchNorm2d(3), 4)(x)
+    with pytest.raises(
+        ValueError, match=r"ghost_batch_norm: partition must be one of \('strided', 'contiguous'\)"
+    ):
+        ghost_batch_norm(x, None, None, None, None, 4, 0.1, 1e-5, True, partition="chunked")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="GhostBatchNorm: partition"):
+        GhostBatchNorm(3, 4, partition="rows")  # type: ignore[arg-type]
+
+
+def test_partitions_group_the_documented_examples() -> None:
+    """Contiguous: ghost k is rows k*g .. k*g+g-1 (a chunk loop's batches); strided: rows k, k+m, ..."""
+    torch.manual_seed(7)
+    x = torch.randn(24, 5) * 2 + 1
+    chunks = torch.cat([F.batch_norm(c, None, None, training=True) for c in x.chunk(3)])
+    strided = torch.empty_like(x)
+    for k in range(3):
+        strided[k::3] = F.batch_norm(x[k::3], None, None, training=True)
+    for use_kernel in (True, False):
+        got_c = ghost_batch_norm(x, None, None, None, None, 8, use_kernel=use_kernel)
+        got_s = ghost_batch_norm(x, None, None, None, None, 8, partition="strided", use_kernel=use_kernel)
+        torch.testing.assert_close(got_c, chunks, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_s, strided, atol=1e-6, rtol=0)
+    assert not torch.allclose(chunks, strided, atol=1e-3)  # the two really group differently
 
 
 # -- surgery --------------------------------------------------------------------------------------
@@ -320,6 +348,19 @@ def test_plugin_hook_replaces_layers_once() -> None:
 def test_bad_ghost_batch_size(bad: object) -> None:
     with pytest.raises(PluginConfigError, match="ghost_batch_size"):
         GhostBatchNormPlugin(ghost_batch_size=bad)  # type: ignore[arg-type]
+
+
+def test_bad_partition_names_plugin_argument_and_choices() -> None:
+    with pytest.raises(PluginConfigError, match=r"ghost_bn.*partition.*'strided', 'contiguous'.*'rows'"):
+        GhostBatchNormPlugin(partition="rows")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("partition", ["contiguous", "strided"])
+def test_plugin_passes_its_partition_to_every_layer(partition: str) -> None:
+    module = LitplugModule(SmallCNN(width=4), plugins=[GhostBatchNormPlugin(8, partition=partition)])  # type: ignore[arg-type]
+    module.apply_surgery()
+    ghosts = [m for m in module.model.modules() if isinstance(m, GhostBatchNorm)]
+    assert len(ghosts) == 2 and all(g.partition == partition for g in ghosts)
 
 
 def test_model_without_batchnorm() -> None:

@@ -73,9 +73,9 @@ using torch::autograd::variable_list;
 
 // kernel.c's entry points, as compiled.py builds them (addresses set from Python).
 typedef int (*forward_fn)(const float*, const float*, const float*, float*, float*, float*, float*,
-                          int64_t, int64_t, int64_t, int64_t, double, double);
+                          int64_t, int64_t, int64_t, int64_t, int, double, double);
 typedef int (*backward_fn)(const float*, const float*, const float*, const float*, float*, float*,
-                           float*, float*, int64_t, int64_t, int64_t, int64_t);
+                           float*, float*, int64_t, int64_t, int64_t, int64_t, int);
 static forward_fn kernel_forward = nullptr;
 static backward_fn kernel_backward = nullptr;
 
@@ -95,7 +95,8 @@ struct GhostBatchNormNode : public torch::autograd::Function<GhostBatchNormNode>
     TORCH_CHECK(kernel_forward(x.data_ptr<float>(), weight.data_ptr<float>(), bias.data_ptr<float>(),
                                out.data_ptr<float>(), stats.data_ptr<float>(),
                                running_mean.data_ptr<float>(), running_var.data_ptr<float>(),
-                               batch, channels, spatial, ghosts, eps, momentum) == 0, "out of memory");
+                               batch, channels, spatial, ghosts, /*contiguous=*/1, eps, momentum) == 0,
+                "out of memory");
     ctx->save_for_backward({x, weight, stats});
     ctx->saved_data["ghosts"] = ghosts;
     return out;
@@ -113,7 +114,7 @@ struct GhostBatchNormNode : public torch::autograd::Function<GhostBatchNormNode>
     TORCH_CHECK(kernel_backward(grad_out.data_ptr<float>(), x.data_ptr<float>(), weight.data_ptr<float>(),
                                 stats.data_ptr<float>(), grad_x.data_ptr<float>(), grad_w.data_ptr<float>(),
                                 grad_b.data_ptr<float>(), sums.data_ptr<float>(), batch, channels,
-                                spatial, ghosts) == 0, "out of memory");
+                                spatial, ghosts, /*contiguous=*/1) == 0, "out of memory");
     at::Tensor none;
     return {grad_x, grad_w, grad_b, none, none, none, none, none};
   }

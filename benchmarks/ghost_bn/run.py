@@ -177,6 +177,7 @@ class SpeedRow:
     paired: tuple[float, float, float]  # quartiles of the per-round GBN / BN ratio
     warm_ms: dict[str, float]  # medians in bursts (see _time_bursts): plain, ghost, loop, floor
     floor_ms: float  # MemoryFloorLayer: the bytes moved, nothing computed
+    strided_ms: float  # GhostBatchNorm with partition="strided" (the default is "contiguous")
 
     @property
     def num_ghosts(self) -> int:
@@ -192,6 +193,7 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     layers = {
         "plain": copy.deepcopy(bn),
         "ghost": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost),
+        "strided": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost, partition="strided"),
         "torch_ops": GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost, use_kernel=False),
         "loop": ChunkLoopGhostBatchNorm(copy.deepcopy(bn), ghost),
         "floor": MemoryFloorLayer(),
@@ -215,6 +217,7 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
         (q1, q2, q3),
         warm_ms,
         ms["floor"],
+        ms["strided"],
     )
 
 
@@ -386,16 +389,17 @@ def _compiled_kernel_steps(lib: Any, shape: tuple[int, int], ghost: int) -> dict
     grad_w, grad_b = torch.empty(channels), torch.empty(channels)
     stats, sums = torch.empty(3 * num_ghosts * channels), torch.empty(2 * num_ghosts * channels)
 
-    def forward() -> int:  # the closures keep the tensors alive (the kernel gets raw pointers)
+    # the closures keep the tensors alive (the kernel gets raw pointers); partition flag 1: contiguous
+    def forward() -> int:
         return lib.litplug_gbn_forward(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), stats.data_ptr(),
-            running_mean.data_ptr(), running_var.data_ptr(), batch, channels, 1, num_ghosts, 1e-5, 0.1,
+            running_mean.data_ptr(), running_var.data_ptr(), batch, channels, 1, num_ghosts, 1, 1e-5, 0.1,
         )  # fmt: skip
 
     def backward() -> int:
         return lib.litplug_gbn_backward(
             grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), stats.data_ptr(), grad_x.data_ptr(),
-            grad_w.data_ptr(), grad_b.data_ptr(), sums.data_ptr(), batch, channels, 1, num_ghosts,
+            grad_w.data_ptr(), grad_b.data_ptr(), sums.data_ptr(), batch, channels, 1, num_ghosts, 1,
         )  # fmt: skip
 
     forward()
@@ -652,8 +656,8 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
         "| activation | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
         "| GBN / BN | paired GBN / BN: median [quartiles] | torch ops / BN | loop / GBN "
         "| memory floor ms | loop / floor (bound) | warm: BN ms | warm: GBN / BN | warm: loop / GBN "
-        "| warm: loop / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| warm: loop / floor | GBN strided ms | strided / GBN | loop / GBN strided |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q1, q2, q3 = r.paired
@@ -664,7 +668,8 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
             f"{q2:.2f}x [{q1:.2f}, {q3:.2f}] | {r.torch_ops_ms / r.plain_ms:.2f}x | {r.loop_ms / r.ghost_ms:.2f}x | "
             f"{r.floor_ms:.3f} | {r.loop_ms / r.floor_ms:.2f}x | "
             f"{w['plain']:.3f} | {w['ghost'] / w['plain']:.2f}x | {w['loop'] / w['ghost']:.2f}x | "
-            f"{w['loop'] / w['floor']:.2f}x |"
+            f"{w['loop'] / w['floor']:.2f}x | {r.strided_ms:.3f} | {r.strided_ms / r.ghost_ms:.2f}x | "
+            f"{r.loop_ms / r.strided_ms:.2f}x |"
         )
     return lines
 
@@ -834,6 +839,12 @@ def target_lines(sections: list[SpeedSection]) -> list[str]:
             + (f"; below 3x call by call: {listed}" if misses else "")
             + f" | {verdict} |"
         )
+        strided = [r.loop_ms / r.strided_ms for r in many]
+        lines.append(
+            f'| the same with `partition="strided"` (not the default; call by call) | {sec.threads} | '
+            f"{_range(strided)}; strided / contiguous {_range([r.strided_ms / r.ghost_ms for r in rows])} "
+            f"over all shapes | {sum(v < 3.0 for v in strided)} of {total} below 3x |"
+        )
         for kind in ("cnn", "mlp"):
             step = next((r for r in sec.step_rows if r.kind == kind and r.ghost == 32), None)
             if step is None:
@@ -968,7 +979,9 @@ def main() -> None:
         "",
         f"- One layer: forward + backward, median over >= {repeats} calls per variant, alternating call by "
         "call; plain BN = `nn.BatchNorm`, GBN = `GhostBatchNorm` as shipped (the compiled kernel where it "
-        "applies), GBN torch ops = the same layer with `use_kernel=False` (one fused `torch.batch_norm` on "
+        "applies; the default contiguous partition, so it computes what the chunk loop computes), GBN "
+        'strided = the same with `partition="strided"`, GBN torch ops = the same layer with '
+        "`use_kernel=False` (one fused `torch.batch_norm` on "
         "ghosts folded into channels), chunk loop = `F.batch_norm` per chunk + `cat`, memory floor = a "
         "layer that moves the bytes a normalisation must move and computes nothing (forward: read the "
         "input, write the output; backward: read the input and the output gradient, write the input "

@@ -38,11 +38,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rank: this process's rank in ``[0, num_replicas)``.
 
     Sharding: every rank computes the same global permutation (the seed is shared) and cuts it into
-    global batches of ``num_replicas * batch_size``; rank ``r`` takes rows ``r, r + R, r + 2R, ...`` of
-    each. So a run on R devices with per-device batch b sees, step by step, exactly the examples a
-    one-device run with batch ``R * b`` sees, which is what makes multi-process runs comparable with
-    single-process ones; the strided split also matches ghost batch norm's strided ghost batches, so
-    those agree too. When ``dataset_size`` is not divisible by
+    global batches of ``num_replicas * batch_size``; rank ``r`` takes the ``r``-th contiguous slice of
+    ``batch_size`` rows of each. So a run on R devices with per-device batch b sees, step by step,
+    exactly the examples a one-device run with batch ``R * b`` sees, in the same order when the
+    ranks' batches are concatenated, which is what makes multi-process runs comparable with
+    single-process ones. Contiguous slices also match ghost batch norm's default contiguous ghost
+    batches: when the ghost size divides b, the ranks' ghost batches are exactly the one-device
+    run's. When ``dataset_size`` is not divisible by
     ``num_replicas`` the permutation is padded by repeating its first indices (as
     ``DistributedSampler`` does), so every rank gets the same number of examples and batches and
     collective ops never hang; those few padded examples are seen twice per epoch. Because this
@@ -117,7 +119,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         for start in range(0, total, global_batch):
             chunk = order[start : start + global_batch]
             per_rank = len(chunk) // self.num_replicas  # the last chunk is smaller, still divisible
-            share.extend(chunk[self.rank :: self.num_replicas][:per_rank].tolist())
+            share.extend(chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist())
         return share
 
     def __iter__(self) -> Iterator[list[int]]:

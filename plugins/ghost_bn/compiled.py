@@ -41,7 +41,7 @@ __all__ = ["KERNEL_ENV", "kernel_applies", "kernel_ghost_batch_norm", "load_kern
 
 KERNEL_ENV = "LITPLUG_GHOST_BN_KERNEL"
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 5
+ABI_VERSION = 6
 COMPILE_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -116,10 +116,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.litplug_gbn_abi() != ABI_VERSION:
         raise RuntimeError(f"{path} reports ABI {lib.litplug_gbn_abi()}, expected {ABI_VERSION}")
-    ptr, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    lib.litplug_gbn_forward.argtypes = [ptr] * 7 + [i64] * 4 + [f64, f64]
+    ptr, i64, f64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    lib.litplug_gbn_forward.argtypes = [ptr] * 7 + [i64] * 4 + [flag, f64, f64]
     lib.litplug_gbn_forward.restype = ctypes.c_int
-    lib.litplug_gbn_backward.argtypes = [ptr] * 8 + [i64] * 4
+    lib.litplug_gbn_backward.argtypes = [ptr] * 8 + [i64] * 4 + [flag]
     lib.litplug_gbn_backward.restype = ctypes.c_int
     return lib
 
@@ -205,6 +205,7 @@ class _GhostBatchNormKernel(torch.autograd.Function):
         running_mean: Tensor | None,
         running_var: Tensor | None,
         num_ghosts: int,
+        contiguous: bool,
         momentum: float,
         eps: float,
         reference: Any,
@@ -216,20 +217,21 @@ class _GhostBatchNormKernel(torch.autograd.Function):
         stats = x.new_empty(3 * num_ghosts * channels)  # mean, invstd, variance per ghost and channel
         status = lib.litplug_gbn_forward(
             x.data_ptr(), _ptr(weight), _ptr(bias), out.data_ptr(), stats.data_ptr(),
-            _ptr(running_mean), _ptr(running_var), batch, channels, spatial, num_ghosts, eps, momentum,
+            _ptr(running_mean), _ptr(running_var), batch, channels, spatial, num_ghosts, int(contiguous),
+            eps, momentum,
         )  # fmt: skip
         if status:
             raise MemoryError("ghost_bn kernel: out of memory for its per-thread scratch")
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.shape_info = (batch, channels, spatial, num_ghosts)
+        ctx.shape_info = (batch, channels, spatial, num_ghosts, int(contiguous))
         ctx.reference, ctx.lib = reference, lib
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, bias, stats = ctx.saved_tensors
-        batch, channels, spatial, num_ghosts = ctx.shape_info
-        nones = (None,) * 7
+        batch, channels, spatial, num_ghosts, contiguous = ctx.shape_info
+        nones = (None,) * 8
         if torch.is_grad_enabled():  # create_graph=True: differentiate the torch-ops twin instead
             return (*_differentiable_backward(ctx, x, weight, bias, grad_out), *nones)
         lib = ctx.lib
@@ -240,6 +242,7 @@ class _GhostBatchNormKernel(torch.autograd.Function):
         status = lib.litplug_gbn_backward(
             grad_out.data_ptr(), x.data_ptr(), _ptr(weight), stats.data_ptr(), grad_x.data_ptr(),
             grad_w.data_ptr(), grad_b.data_ptr(), sums.data_ptr(), batch, channels, spatial, num_ghosts,
+            contiguous,
         )  # fmt: skip
         if status:
             raise MemoryError("ghost_bn kernel: out of memory for its per-thread scratch")
@@ -273,17 +276,29 @@ def kernel_ghost_batch_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     num_ghosts: int,
+    contiguous: bool,
     momentum: float,
     eps: float,
     reference: Any,
     lib: ctypes.CDLL,
 ) -> Tensor:
-    """Training ghost batch norm of ``x`` in ``num_ghosts`` equal strided ghost batches (the kernel).
+    """Training ghost batch norm of ``x`` in ``num_ghosts`` equal ghost batches (the kernel): contiguous
+    chunks of rows, or with ``contiguous=False`` the strided partition (rows ``k, k + m, ...``).
 
     ``reference(x, weight, bias)`` must compute the same output with torch ops; it serves double
     backward. Call only when :func:`kernel_applies` says yes; ``lib`` is :func:`load_kernel`'s.
     """
     out: Tensor = _GhostBatchNormKernel.apply(
-        x.contiguous(), weight, bias, running_mean, running_var, num_ghosts, momentum, eps, reference, lib
+        x.contiguous(),
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_ghosts,
+        contiguous,
+        momentum,
+        eps,
+        reference,
+        lib,
     )
     return out

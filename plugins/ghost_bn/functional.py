@@ -11,12 +11,22 @@ plain BatchNorm on conv activations, 0.95-1.3x on ``[512, 256]`` with its input 
 uneven batches, torch.compile / torch.func, no C compiler) takes the torch-ops path below, with the
 same results to float32 rounding. In the torch-ops path the ghost dimension is folded into the
 channel dimension so ONE fused batch-norm call normalises every ghost batch (no Python loop over
-chunks). Ghost batch ``k`` of ``m`` equal ghost
-batches holds the examples ``k, k + m, k + 2m, ...`` (a strided partition): with that assignment
-``[m * g, C, *S] -> [g, m * C, *S]`` is a free ``view``, whereas contiguous chunks need a transpose
-copy of the activations forwards and backwards (measured 1.5-2x slower on CPU). Which examples share a
-ghost batch is irrelevant for shuffled batches and, for sorted data, a strided partition mixes
-classes better than contiguous chunks. The affine parameters are fed to the same fused call as
+chunks).
+
+Which examples share a ghost batch (``partition``): by default ghost batch ``k`` of ``m`` equal ones
+is the ``k``-th contiguous chunk of ``g`` examples, rows ``k * g .. k * g + g - 1`` (``torch.chunk``,
+as in Composer), so the layer's output equals a chunk loop's. ``"strided"``
+puts the examples ``k, k + m, k + 2m, ...`` together instead. They cost differently: the compiled
+kernel reads each contiguous ghost batch as one block of memory, 0.74-0.80x the time of the
+strided layout on ``[512, 32, 8, 8]`` and 0.92-0.95x on ``[512, 256]`` and ``[512, 64, 4, 4]``
+(forward + backward, benchmarks/ghost_bn), while the torch-ops path folds a strided partition
+with a free ``view`` (``[m * g, C, *S] -> [g, m * C, *S]``) but needs a transpose copy forwards
+and backwards for contiguous chunks (1.4-2.2x its strided time on CPU). So on GPUs, which use the
+torch-ops path, ``"strided"`` is the faster choice; it also makes a multi-device run with
+:class:`~litplug.core.data.sampling.ResumableBatchSampler`'s strided shards normalise exactly the
+ghost batches of a one-device run. Which examples share a ghost batch is irrelevant for shuffled
+batches; for sorted data a strided partition mixes classes better.
+The affine parameters are fed to the same fused call as
 ``weight`` tiled ``m`` times (their gradient is summed back over the ``m`` copies by autograd): applying them
 afterwards with a broadcast multiply-add costs an extra pass forwards and a slow broadcast reduction
 backwards.
@@ -50,6 +60,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +68,19 @@ from torch import Tensor, nn
 
 from .compiled import kernel_applies, kernel_ghost_batch_norm, load_kernel
 
-__all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_batch_sizes"]
+__all__ = ["PARTITIONS", "GhostBatchNorm", "Partition", "ghost_batch_norm", "ghost_batch_sizes"]
+
+#: Which examples form ghost batch ``k`` of ``m`` equal ones (``g`` examples each): ``"strided"``,
+#: rows ``k, k + m, k + 2m, ...``; ``"contiguous"``, rows ``k * g .. k * g + g - 1`` (``torch.chunk``,
+#: as in Composer).
+Partition = Literal["strided", "contiguous"]
+PARTITIONS: tuple[str, ...] = get_args(Partition)
+
+
+def check_partition(partition: object, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``partition`` is one of :data:`PARTITIONS`."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"{where}: partition must be one of {PARTITIONS}, got {partition!r}")
 
 
 def ghost_batch_sizes(batch_size: int, ghost_batch_size: int) -> tuple[int, int, int]:
@@ -78,13 +101,25 @@ def ghost_batch_sizes(batch_size: int, ghost_batch_size: int) -> tuple[int, int,
     return num_equal, ghost_batch_size, rest
 
 
-def _fold(x: Tensor, num_ghosts: int) -> Tensor:
-    """``[m * g, C, *S] -> [g, m * C, *S]``: ghost ``k`` (rows ``k, k+m, ...``) becomes channels ``k*C:(k+1)*C``.
+def _fold(x: Tensor, num_ghosts: int, partition: Partition) -> Tensor:
+    """``[m * g, C, *S] -> [g, m * C, *S]``: ghost ``k`` becomes channels ``k*C:(k+1)*C``.
 
-    A free view for contiguous inputs; ``reshape`` copies only for other layouts (channels_last).
+    Strided (ghost ``k`` = rows ``k, k+m, ...``): a free view for contiguous inputs (``reshape``
+    copies only for other layouts, e.g. channels_last). Contiguous (rows ``k*g .. k*g+g-1``): a
+    transpose, so a copy.
     """
-    ghost = x.shape[0] // num_ghosts
-    return x.reshape(ghost, num_ghosts * x.shape[1], *x.shape[2:])
+    ghost, channels, spatial = x.shape[0] // num_ghosts, x.shape[1], x.shape[2:]
+    if partition == "strided":
+        return x.reshape(ghost, num_ghosts * channels, *spatial)
+    return x.reshape(num_ghosts, ghost, channels, *spatial).transpose(0, 1).reshape(ghost, -1, *spatial)
+
+
+def _unfold(out: Tensor, shape: torch.Size, num_ghosts: int, partition: Partition) -> Tensor:
+    """The inverse of :func:`_fold`: ``[g, m * C, *S] -> [m * g, C, *S]`` (``shape``)."""
+    if partition == "strided":
+        return out.reshape(shape)
+    ghost, channels, spatial = shape[0] // num_ghosts, shape[1], shape[2:]
+    return out.reshape(ghost, num_ghosts, channels, *spatial).transpose(0, 1).reshape(shape)
 
 
 def _tile(param: Tensor | None, times: int) -> Tensor | None:
@@ -99,6 +134,7 @@ def _normalise(
     weight: Tensor | None,
     bias: Tensor | None,
     num_ghosts: int,
+    partition: Partition,
     eps: float,
     stats_like: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -109,7 +145,7 @@ def _normalise(
     updated with momentum 1, which costs nothing extra (no second pass over the activations).
     """
     channels = x.shape[1]
-    folded = _fold(x, num_ghosts) if num_ghosts > 1 else x
+    folded = _fold(x, num_ghosts, partition) if num_ghosts > 1 else x
     w = _tile(weight, num_ghosts)
     b = _tile(bias, num_ghosts)
     mean = var = None
@@ -117,9 +153,10 @@ def _normalise(
         mean = stats_like.new_zeros(num_ghosts * channels)
         var = stats_like.new_zeros(num_ghosts * channels)
     out = F.batch_norm(folded, mean, var, w, b, True, 1.0, eps)
+    out = _unfold(out, x.shape, num_ghosts, partition) if num_ghosts > 1 else out
     if mean is None or var is None:
-        return out.reshape(x.shape), None, None
-    return out.reshape(x.shape), mean.view(num_ghosts, channels), var.view(num_ghosts, channels)
+        return out, None, None
+    return out, mean.view(num_ghosts, channels), var.view(num_ghosts, channels)
 
 
 def _fused_equal(
@@ -129,6 +166,7 @@ def _fused_equal(
     weight: Tensor | None,
     bias: Tensor | None,
     num_ghosts: int,
+    partition: Partition,
     momentum: float,
     eps: float,
 ) -> Tensor:
@@ -142,11 +180,12 @@ def _fused_equal(
     # sizes to reject 1 value per channel, impossible here: g >= 2) cost time that matters on small
     # activations (an A/B on [512, 256], g = 128, 2 loaded CPU cores: ~20 us less per forward +
     # backward step, about 8% of a plain BatchNorm1d step).
-    folded = _fold(x, num_ghosts)
+    folded = _fold(x, num_ghosts, partition)
     weight, bias = _tile(weight, num_ghosts), _tile(bias, num_ghosts)
     cudnn = torch.backends.cudnn.enabled
     if running_mean is None or running_var is None:
-        return torch.batch_norm(folded, weight, bias, None, None, True, momentum, eps, cudnn).reshape(x.shape)
+        out = torch.batch_norm(folded, weight, bias, None, None, True, momentum, eps, cudnn)
+        return _unfold(out, x.shape, num_ghosts, partition)
     # Copy k of the buffers gets BatchNorm's update with momentum mu = momentum / m from the start
     # value t0 = (1 - momentum) / (m - momentum) * running (so that m * (1 - mu) * t0 is
     # (1 - momentum) * running); the SUM of the m copies is then the rule's update. Building the
@@ -161,14 +200,14 @@ def _fused_equal(
     )
     torch.sum(tiled_mean, 0, out=running_mean)
     torch.sum(tiled_var, 0, out=running_var)
-    return out.reshape(x.shape)
+    return _unfold(out, x.shape, num_ghosts, partition)
 
 
 def _reference_equal(
-    num_ghosts: int, eps: float, x: Tensor, weight: Tensor | None, bias: Tensor | None
+    num_ghosts: int, partition: Partition, eps: float, x: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
     """The compiled kernel's output through torch ops (running statistics untouched): its double backward."""
-    return _fused_equal(x, None, None, weight, bias, num_ghosts, 0.0, eps)
+    return _fused_equal(x, None, None, weight, bias, num_ghosts, partition, 0.0, eps)
 
 
 @torch.no_grad()
@@ -204,6 +243,7 @@ def ghost_batch_norm(
     eps: float = 1e-5,
     training: bool = True,
     *,
+    partition: Partition = "contiguous",
     use_kernel: bool = True,
 ) -> Tensor:
     """Ghost batch norm of ``x`` ``[B, C, *S]``; the arguments mirror ``F.batch_norm``.
@@ -212,7 +252,9 @@ def ghost_batch_norm(
     each ghost batch with its own statistics and, when running buffers are given, updates them once
     (see the module docstring). ``B <= ghost_batch_size`` is exactly ``F.batch_norm``. ``momentum``
     is the update factor (``BatchNorm``'s cumulative ``momentum=None`` is handled by
-    :class:`GhostBatchNorm`, which passes ``1 / num_batches_tracked``).
+    :class:`GhostBatchNorm`, which passes ``1 / num_batches_tracked``). ``partition`` says which
+    examples share a ghost batch (:data:`Partition`); an uneven batch's tail is its last examples
+    either way.
 
     Equal ghost batches of float32 CPU activations go through the compiled kernel (compiled.py)
     unless ``use_kernel=False`` or ``LITPLUG_GHOST_BN_KERNEL=0``; the torch-ops path gives the
@@ -227,6 +269,7 @@ def ghost_batch_norm(
         raise ValueError(f"ghost_batch_norm: ghost_batch_size must be >= 2, got {ghost_batch_size}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("ghost_batch_norm: pass both running_mean and running_var, or neither")
+    check_partition(partition, "ghost_batch_norm")
     num_equal, ghost, tail = ghost_batch_sizes(x.shape[0], ghost_batch_size)
     single_ghost = num_equal == 0 or (num_equal == 1 and tail == 0)
     if not training or single_ghost:  # exactly BatchNorm (eval, or one ghost batch = the batch)
@@ -237,16 +280,27 @@ def ghost_batch_norm(
         applies = use_kernel and kernel_applies(x, weight, bias, running_mean, running_var)
         lib = load_kernel() if applies else None
         if lib is not None:
-            reference = partial(_reference_equal, num_equal, eps)
+            reference = partial(_reference_equal, num_equal, partition, eps)
+            contiguous = partition == "contiguous"
             return kernel_ghost_batch_norm(
-                x, running_mean, running_var, weight, bias, num_equal, momentum, eps, reference, lib
+                x,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                num_equal,
+                contiguous,
+                momentum,
+                eps,
+                reference,
+                lib,
             )
-        return _fused_equal(x, running_mean, running_var, weight, bias, num_equal, momentum, eps)
+        return _fused_equal(x, running_mean, running_var, weight, bias, num_equal, partition, momentum, eps)
 
     # Uneven batch (e.g. an epoch's last): equal head + one tail ghost batch, pooled statistics.
     head_len = num_equal * ghost
-    out, means, variances = _normalise(x[:head_len], weight, bias, num_equal, eps, running_mean)
-    tail_out, tail_mean, tail_var = _normalise(x[head_len:], weight, bias, 1, eps, running_mean)
+    out, means, variances = _normalise(x[:head_len], weight, bias, num_equal, partition, eps, running_mean)
+    tail_out, tail_mean, tail_var = _normalise(x[head_len:], weight, bias, 1, partition, eps, running_mean)
     out = torch.cat([out, tail_out])
     if running_mean is not None and running_var is not None:
         assert means is not None and variances is not None and tail_mean is not None and tail_var is not None
@@ -280,6 +334,8 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             (``momentum=None`` is the cumulative average). Without running statistics the layer
             normalises with ghost statistics in eval too, as BatchNorm uses batch statistics then.
         input_dims: accepted ``x.dim()`` values (BatchNorm1d: (2, 3), 2d: (4,), 3d: (5,)).
+        partition: which examples share a ghost batch, ``"strided"`` or ``"contiguous"``
+            (:data:`Partition`).
         use_kernel: use the compiled kernel where it applies (see :func:`ghost_batch_norm`).
     """
 
@@ -295,17 +351,24 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         use_kernel: bool = True,
+        partition: Partition = "contiguous",
     ) -> None:
         if ghost_batch_size < 2:
             raise ValueError(f"GhostBatchNorm: ghost_batch_size must be >= 2, got {ghost_batch_size}")
+        check_partition(partition, "GhostBatchNorm")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.ghost_batch_size = ghost_batch_size
         self.input_dims = input_dims
         self.use_kernel = use_kernel
+        self.partition: Partition = partition
 
     @classmethod
     def from_batchnorm(
-        cls, bn: nn.modules.batchnorm._BatchNorm, ghost_batch_size: int, use_kernel: bool = True
+        cls,
+        bn: nn.modules.batchnorm._BatchNorm,
+        ghost_batch_size: int,
+        use_kernel: bool = True,
+        partition: Partition = "contiguous",
     ) -> GhostBatchNorm:
         """A ghost layer with ``bn``'s hyperparameters, sharing its parameter and buffer tensors.
 
@@ -327,6 +390,7 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             device=ref.device if ref is not None else None,
             dtype=ref.dtype if ref is not None else None,
             use_kernel=use_kernel,
+            partition=partition,
         )
         # Reuse the very Parameter / buffer objects: same names, same values, same identities.
         for name, param in bn.named_parameters(recurse=False):
@@ -359,8 +423,11 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor,
             self.eps,
             use_batch_stats,
+            partition=self.partition,
             use_kernel=self.use_kernel,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
+        return (
+            f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}, partition={self.partition!r}"
+        )

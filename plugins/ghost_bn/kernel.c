@@ -1,8 +1,9 @@
 /* Ghost batch norm kernels (float32, CPU), compiled on first use by compiled.py and called by ctypes.
 
    Layout: x is a contiguous [B, C, S] float32 array (S = product of the spatial sizes, 1 for [B, C])
-   with B = g * m: m equal ghost batches of g examples. Ghost k holds the rows i * m + k (i < g),
-   the strided partition functional.py uses, so both paths put the same examples together.
+   with B = g * m: m equal ghost batches of g examples. Ghost k holds the rows k * g + i (i < g) in
+   the contiguous partition, the rows i * m + k in the strided one (functional.py's two
+   partitions), so both paths put the same examples together.
 
    Why a kernel: torch has no ghost batch norm, and its one-call emulation (the ghosts folded into
    channels) runs batch_norm on m times more, m times shorter channels, which costs up to 2.9x plain
@@ -27,12 +28,12 @@
 #include <omp.h>
 #endif
 
-#define LITPLUG_GBN_ABI 5
+#define LITPLUG_GBN_ABI 6
 
 int litplug_gbn_abi(void) { return LITPLUG_GBN_ABI; }
 
-/* Row i of ghost k. */
-#define ROW(base, i) ((base) + ((i) * m + k) * C * S)
+/* Row i of the ghost whose first row is `first`, its rows `step` apart (1: contiguous, m: strided). */
+#define ROW(base, i) ((base) + (first + (i) * step) * C * S)
 
 /* Below this many values one thread does the work: waking more costs more than it saves on
    tiny activations. The same threshold as torch's own CPU kernels (at::internal::GRAIN_SIZE). */
@@ -43,9 +44,12 @@ static inline int worth_threads(int64_t values) { return values >= PARALLEL_MIN_
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* ---- [B, C] inputs (S == 1) --------------------------------------------------------------------
-   The rows of ghost k side by side form the folded matrix [g, N = m * C]: folded row i is x's rows
-   i * m .. i * m + m - 1 (contiguous), column j = k * C + c is ghost k's channel c, and the
-   statistics are per column. A work item is a block of BLOCK columns down all g rows: its
+   Strided partition: the rows of ghost k side by side form one folded matrix [g, N = m * C]: folded
+   row i is x's rows i * m .. i * m + m - 1 (contiguous), column j = k * C + c is ghost k's channel
+   c. Contiguous partition: ghost k is itself a matrix [g, N = C], x's rows k * g .. k * g + g - 1.
+   Either way there are `mats` matrices (1 or m) of g rows of N values, matrix t at x + t * g * N,
+   and its column j is statistics column J = t * N + j (= k * C + c); the statistics are per
+   column. A work item is a block of BLOCK columns of one matrix down its g rows: its
    accumulators and per-column coefficients (a few KB) stay in L1 while the rows stream by, and
    each column is summed by one thread in row order, so results do not depend on the thread count.
    Measured against the alternatives (x not in cache, and in a warm loop, [512, 256]): whole-row
@@ -64,42 +68,46 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 #define MIN_BLOCK 64
 #endif
 
-static int64_t columns_per_block(int64_t N, int64_t values) {
+static int64_t columns_per_block(int64_t mats, int64_t N, int64_t values) {
     int64_t width = BLOCK;
 #if defined(_OPENMP)
     if (worth_threads(values)) {
         const int64_t wanted = 2 * (int64_t)omp_get_max_threads();
-        while (width > MIN_BLOCK && (N + width - 1) / width < wanted) width /= 2;
+        while (width > MIN_BLOCK && mats * ((N + width - 1) / width) < wanted) width /= 2;
     }
 #else
-    (void)N, (void)values;
+    (void)mats, (void)N, (void)values;
 #endif
     return width;
 }
 
 static void forward_columns(const float *x, const float *weight, const float *bias, float *y,
-                            float *means, float *invstds, float *vars, int64_t g, int64_t N,
-                            int64_t C, float eps) {
+                            float *means, float *invstds, float *vars, int64_t mats, int64_t g,
+                            int64_t N, int64_t C, float eps) {
     const float inv_n = 1.f / (float)g;
-    const int64_t width = columns_per_block(N, g * N), num_blocks = (N + width - 1) / width;
-#pragma omp parallel for schedule(static) if (worth_threads(g * N))
+    const int64_t values = mats * g * N, width = columns_per_block(mats, N, values);
+    const int64_t per_mat = (N + width - 1) / width, num_blocks = mats * per_mat;
+#pragma omp parallel for schedule(static) if (worth_threads(values))
     for (int64_t block = 0; block < num_blocks; ++block) {
-        const int64_t j0 = block * width, len = min64(width, N - j0);
-        float *mean = means + j0, *var = vars + j0, *invstd = invstds + j0;
+        const int64_t t = block / per_mat, j0 = (block % per_mat) * width, len = min64(width, N - j0);
+        const int64_t J0 = t * N + j0;
+        const float *xt = x + t * g * N;
+        float *yt = y + t * g * N;
+        float *mean = means + J0, *var = vars + J0, *invstd = invstds + J0;
         float scale[BLOCK], shift[BLOCK];
         for (int64_t j = 0; j < len; ++j) { mean[j] = 0.f; var[j] = 0.f; }
         for (int64_t i = 0; i < g; ++i) {
-            const float *row = x + i * N + j0;
+            const float *row = xt + i * N + j0;
             for (int64_t j = 0; j < len; ++j) mean[j] += row[j];
         }
         for (int64_t j = 0; j < len; ++j) mean[j] *= inv_n;
         for (int64_t i = 0; i < g; ++i) {
-            const float *row = x + i * N + j0;
+            const float *row = xt + i * N + j0;
             for (int64_t j = 0; j < len; ++j) { const float d = row[j] - mean[j]; var[j] += d * d; }
         }
-        /* Column j0 + j is channel (j0 + j) % C: walk runs of consecutive channels so the loop
+        /* Column J0 + j is channel (J0 + j) % C: walk runs of consecutive channels so the loop
            vectorises (a modulo per column cost more than the rest of the kernel at 64 ghosts). */
-        for (int64_t j = 0, c0 = j0 % C; j < len; c0 = 0) {
+        for (int64_t j = 0, c0 = J0 % C; j < len; c0 = 0) {
             const int64_t run = min64(len - j, C - c0);
             const float *w = weight ? weight + c0 : NULL, *b = bias ? bias + c0 : NULL;
             for (int64_t t = 0; t < run; ++t, ++j) {
@@ -110,8 +118,8 @@ static void forward_columns(const float *x, const float *weight, const float *bi
             }
         }
         for (int64_t i = 0; i < g; ++i) {
-            const float *row = x + i * N + j0;
-            float *out = y + i * N + j0;
+            const float *row = xt + i * N + j0;
+            float *out = yt + i * N + j0;
             for (int64_t j = 0; j < len; ++j) out[j] = row[j] * scale[j] + shift[j];
         }
     }
@@ -119,22 +127,24 @@ static void forward_columns(const float *x, const float *weight, const float *bi
 
 static void backward_columns(const float *dy, const float *x, const float *weight,
                              const float *means, const float *invstds, float *dx, float *sum_dy,
-                             float *sum_dy_xhat, int64_t g, int64_t N, int64_t C) {
+                             float *sum_dy_xhat, int64_t mats, int64_t g, int64_t N, int64_t C) {
     const float inv_n = 1.f / (float)g;
-    const int64_t width = columns_per_block(N, g * N), num_blocks = (N + width - 1) / width;
-#pragma omp parallel for schedule(static) if (worth_threads(g * N))
+    const int64_t values = mats * g * N, width = columns_per_block(mats, N, values);
+    const int64_t per_mat = (N + width - 1) / width, num_blocks = mats * per_mat;
+#pragma omp parallel for schedule(static) if (worth_threads(values))
     for (int64_t block = 0; block < num_blocks; ++block) {
-        const int64_t j0 = block * width, len = min64(width, N - j0);
-        const float *mean = means + j0, *invstd = invstds + j0;
-        float *s1 = sum_dy + j0, *s2 = sum_dy_xhat + j0;
+        const int64_t t = block / per_mat, j0 = (block % per_mat) * width, len = min64(width, N - j0);
+        const int64_t J0 = t * N + j0, at = t * g * N + j0;
+        const float *mean = means + J0, *invstd = invstds + J0;
+        float *s1 = sum_dy + J0, *s2 = sum_dy_xhat + J0;
         float ca[BLOCK], cb[BLOCK], cc[BLOCK];
         for (int64_t j = 0; j < len; ++j) { s1[j] = 0.f; s2[j] = 0.f; }
         for (int64_t i = 0; i < g; ++i) {
-            const float *xr = x + i * N + j0, *dr = dy + i * N + j0;
+            const float *xr = x + at + i * N, *dr = dy + at + i * N;
             for (int64_t j = 0; j < len; ++j) { s1[j] += dr[j]; s2[j] += dr[j] * (xr[j] - mean[j]); }
         }
         /* dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = ca * dy + cb * x + cc. */
-        for (int64_t j = 0, c0 = j0 % C; j < len; c0 = 0) {
+        for (int64_t j = 0, c0 = J0 % C; j < len; c0 = 0) {
             const int64_t run = min64(len - j, C - c0);
             const float *w = weight ? weight + c0 : NULL;
             for (int64_t t = 0; t < run; ++t, ++j) {
@@ -146,8 +156,8 @@ static void backward_columns(const float *dy, const float *x, const float *weigh
             }
         }
         for (int64_t i = 0; i < g; ++i) {
-            const float *xr = x + i * N + j0, *dr = dy + i * N + j0;
-            float *out = dx + i * N + j0;
+            const float *xr = x + at + i * N, *dr = dy + at + i * N;
+            float *out = dx + at + i * N;
             for (int64_t j = 0; j < len; ++j) out[j] = ca[j] * dr[j] + cb[j] * xr[j] + cc[j];
         }
     }
@@ -191,9 +201,10 @@ static void *thread_scratch(size_t bytes, int *failed) {
 }
 
 /* ---- [B, C, S] inputs with short channels (1 < S < SHORT_CHANNEL) ------------------------------
-   The columns layout above, with channels of S adjacent columns: folded row i holds ghost k's
-   channel c in columns (k * C + c) * S .. + S - 1. A work item is a block of whole channels (about
-   BLOCK columns); each column is summed down the g rows in float (every add a full vector, as in
+   The columns layout above, with channels of S adjacent columns: statistics column J = k * C + c
+   is the matrix columns J * S .. J * S + S - 1 (t * N + j = (k * C + c) * S + s, N = m * C * S
+   strided, C * S contiguous). A work item is a block of whole channels (about BLOCK columns) of
+   one matrix; each column is summed down the g rows in float (every add a full vector, as in
    the [B, C] path), then each channel's S column sums are added in double. Per-value copies of the
    channel's mean and coefficients let every pass run on whole vectors. Against one ghost at a time
    with a horizontal sum per row and channel (the long-channel path below), forward + backward:
@@ -223,12 +234,13 @@ static void spread(const float *per_channel, int64_t channels, int64_t S, float 
 
 /* Returns 1 when a thread could not allocate its scratch. */
 static int forward_short_channels(const float *x, const float *weight, const float *bias, float *y,
-                                  float *means, float *invstds, float *vars, int64_t g, int64_t N,
-                                  int64_t C, int64_t S, float eps) {
-    const int64_t width = block_columns(S), num_blocks = (N + width - 1) / width;
+                                  float *means, float *invstds, float *vars, int64_t mats,
+                                  int64_t g, int64_t N, int64_t C, int64_t S, float eps) {
+    const int64_t width = block_columns(S), per_mat = (N + width - 1) / width;
+    const int64_t num_blocks = mats * per_mat, values = mats * g * N;
     const double n = (double)(g * S);
     int failed = 0;
-#pragma omp parallel if (worth_threads(g * N))
+#pragma omp parallel if (worth_threads(values))
     {
         const int64_t most = width / S; /* channels per block */
         const size_t floats = 3 * width + 2 * most;
@@ -239,12 +251,15 @@ static int forward_short_channels(const float *x, const float *weight, const flo
             float *scale = b + width, *shift = scale + most; /* per channel */
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < num_blocks; ++block) {
-                const int64_t j0 = block * width, len = min64(width, N - j0), channels = len / S;
-                const int64_t q0 = j0 / S; /* stats index k * C + c of the block's first channel */
+                const int64_t mat = block / per_mat, j0 = (block % per_mat) * width;
+                const int64_t len = min64(width, N - j0), channels = len / S;
+                const int64_t q0 = (mat * N + j0) / S; /* stats index k * C + c of its first channel */
+                const float *xm = x + mat * g * N + j0;
+                float *ym = y + mat * g * N + j0;
                 float *mean = means + q0, *var = vars + q0, *invstd = invstds + q0;
                 for (int64_t t = 0; t < len; ++t) acc[t] = 0.f;
                 for (int64_t i = 0; i < g; ++i) {
-                    const float *row = x + i * N + j0;
+                    const float *row = xm + i * N;
 #pragma omp simd
                     for (int64_t t = 0; t < len; ++t) acc[t] += row[t];
                 }
@@ -253,7 +268,7 @@ static int forward_short_channels(const float *x, const float *weight, const flo
                 spread(mean, channels, S, a);
                 for (int64_t t = 0; t < len; ++t) acc[t] = 0.f;
                 for (int64_t i = 0; i < g; ++i) {
-                    const float *row = x + i * N + j0;
+                    const float *row = xm + i * N;
 #pragma omp simd
                     for (int64_t t = 0; t < len; ++t) {
                         const float d = row[t] - a[t];
@@ -270,8 +285,7 @@ static int forward_short_channels(const float *x, const float *weight, const flo
                 }
                 spread(scale, channels, S, a);
                 spread(shift, channels, S, b);
-                for (int64_t i = 0; i < g; ++i)
-                    affine_values(x + i * N + j0, y + i * N + j0, len, a, b);
+                for (int64_t i = 0; i < g; ++i) affine_values(xm + i * N, ym + i * N, len, a, b);
             }
         }
         free(sums);
@@ -281,12 +295,13 @@ static int forward_short_channels(const float *x, const float *weight, const flo
 
 static int backward_short_channels(const float *dy, const float *x, const float *weight,
                                    const float *means, const float *invstds, float *dx,
-                                   float *sum_dy, float *sum_dy_xhat, int64_t g, int64_t N,
-                                   int64_t C, int64_t S) {
-    const int64_t width = block_columns(S), num_blocks = (N + width - 1) / width;
+                                   float *sum_dy, float *sum_dy_xhat, int64_t mats, int64_t g,
+                                   int64_t N, int64_t C, int64_t S) {
+    const int64_t width = block_columns(S), per_mat = (N + width - 1) / width;
+    const int64_t num_blocks = mats * per_mat, values = mats * g * N;
     const float inv_n = 1.f / (float)(g * S);
     int failed = 0;
-#pragma omp parallel if (worth_threads(g * N))
+#pragma omp parallel if (worth_threads(values))
     {
         const int64_t most = width / S;
         const size_t floats = 5 * width + 3 * most;
@@ -298,12 +313,13 @@ static int backward_short_channels(const float *dy, const float *x, const float 
             float *a = cc + width, *b = a + most, *e = b + most; /* per channel */
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < num_blocks; ++block) {
-                const int64_t j0 = block * width, len = min64(width, N - j0), channels = len / S;
-                const int64_t q0 = j0 / S;
+                const int64_t mat = block / per_mat, j0 = (block % per_mat) * width;
+                const int64_t len = min64(width, N - j0), channels = len / S;
+                const int64_t q0 = (mat * N + j0) / S, base = mat * g * N + j0;
                 spread(means + q0, channels, S, ca);
                 for (int64_t t = 0; t < len; ++t) { s1[t] = 0.f; s2[t] = 0.f; }
                 for (int64_t i = 0; i < g; ++i) {
-                    const float *xr = x + i * N + j0, *dr = dy + i * N + j0;
+                    const float *xr = x + base + i * N, *dr = dy + base + i * N;
 #pragma omp simd
                     for (int64_t t = 0; t < len; ++t) {
                         s1[t] += dr[t];
@@ -326,7 +342,7 @@ static int backward_short_channels(const float *dy, const float *x, const float 
                 spread(b, channels, S, cb);
                 spread(e, channels, S, cc);
                 for (int64_t i = 0; i < g; ++i) {
-                    const int64_t at = i * N + j0;
+                    const int64_t at = base + i * N;
                     grad_values(dy + at, x + at, dx + at, len, ca, cb, cc);
                 }
             }
@@ -341,9 +357,10 @@ static int backward_short_channels(const float *dy, const float *x, const float 
    (Splitting large ghosts into channel blocks that fit in L2 was measured: no faster, with g up to
    256 and ghosts of 2 MB.) */
 
-/* mean[c] and biased var[c] of ghost k; acc: C doubles of scratch. */
-static void ghost_moments(const float *x, int64_t C, int64_t S, int64_t m, int64_t g, int64_t k,
-                          float *mean, float *var, double *acc) {
+/* mean[c] and biased var[c] of the ghost of g rows from row `first`, `step` apart; acc: C doubles
+   of scratch. */
+static void ghost_moments(const float *x, int64_t C, int64_t S, int64_t first, int64_t step,
+                          int64_t g, float *mean, float *var, double *acc) {
     const double n = (double)(g * S);
     for (int64_t c = 0; c < C; ++c) acc[c] = 0.0;
     for (int64_t i = 0; i < g; ++i) {
@@ -373,7 +390,7 @@ static void ghost_moments(const float *x, int64_t C, int64_t S, int64_t m, int64
 /* Returns 1 when a thread could not allocate its scratch. */
 static int forward_ghosts(const float *x, const float *weight, const float *bias, float *y,
                           float *means, float *invstds, float *vars, int64_t C, int64_t S,
-                          int64_t m, int64_t g, float eps) {
+                          int64_t m, int64_t g, int contiguous, float eps) {
     const int64_t values = g * m * C * S;
     int failed = 0;
 #pragma omp parallel if (worth_threads(values))
@@ -384,8 +401,9 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
         if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < m; ++k) {
+                const int64_t first = contiguous ? k * g : k, step = contiguous ? 1 : m;
                 float *mean = means + k * C, *var = vars + k * C, *invstd = invstds + k * C;
-                ghost_moments(x, C, S, m, g, k, mean, var, acc);
+                ghost_moments(x, C, S, first, step, g, mean, var, acc);
                 for (int64_t c = 0; c < C; ++c) {
                     invstd[c] = 1.f / sqrtf(var[c] + eps);
                     scale[c] = (weight ? weight[c] : 1.f) * invstd[c];
@@ -406,7 +424,8 @@ static int forward_ghosts(const float *x, const float *weight, const float *bias
 
 static int backward_ghosts(const float *dy, const float *x, const float *weight,
                            const float *means, const float *invstds, float *dx, float *sum_dy,
-                           float *sum_dy_xhat, int64_t C, int64_t S, int64_t m, int64_t g) {
+                           float *sum_dy_xhat, int64_t C, int64_t S, int64_t m, int64_t g,
+                           int contiguous) {
     const float inv_n = 1.f / (float)(g * S);
     const int64_t values = g * m * C * S;
     int failed = 0;
@@ -418,6 +437,7 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
         if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < m; ++k) {
+                const int64_t first = contiguous ? k * g : k, step = contiguous ? 1 : m;
                 const float *mean = means + k * C, *invstd = invstds + k * C;
                 double *a1 = acc, *a2 = acc + C;
                 for (int64_t c = 0; c < 2 * C; ++c) acc[c] = 0.0;
@@ -456,22 +476,25 @@ static int backward_ghosts(const float *dy, const float *x, const float *weight,
 
 /* ---- entry points ------------------------------------------------------------------------------ */
 
-/* Training forward. stats: [3, m, C] output (mean, invstd, biased variance per ghost and channel).
+/* Training forward. contiguous: 1 for the contiguous partition, 0 for the strided one.
+   stats: [3, m, C] output (mean, invstd, biased variance per ghost and channel).
    weight / bias / running_* may be NULL. The running statistics, when given, get BatchNorm's update with the
    ghosts' average mean and their average unbiased variance (functional.py's rule).
    Returns 0, or 1 when out of memory. */
 int litplug_gbn_forward(const float *x, const float *weight, const float *bias, float *y,
                         float *stats, float *running_mean, float *running_var, int64_t B,
-                        int64_t C, int64_t S, int64_t m, double eps, double momentum) {
-    const int64_t g = B / m;
+                        int64_t C, int64_t S, int64_t m, int contiguous, double eps,
+                        double momentum) {
+    const int64_t g = B / m, mats = contiguous ? m : 1, N = C * S * (m / mats);
     float *means = stats, *invstds = stats + m * C, *vars = stats + 2 * m * C;
     if (S == 1)
-        forward_columns(x, weight, bias, y, means, invstds, vars, g, m * C, C, (float)eps);
+        forward_columns(x, weight, bias, y, means, invstds, vars, mats, g, N, C, (float)eps);
     else if (S < SHORT_CHANNEL) {
-        if (forward_short_channels(x, weight, bias, y, means, invstds, vars, g, m * C * S, C, S,
+        if (forward_short_channels(x, weight, bias, y, means, invstds, vars, mats, g, N, C, S,
                                    (float)eps))
             return 1;
-    } else if (forward_ghosts(x, weight, bias, y, means, invstds, vars, C, S, m, g, (float)eps))
+    } else if (forward_ghosts(x, weight, bias, y, means, invstds, vars, C, S, m, g, contiguous,
+                              (float)eps))
         return 1;
     if (running_mean && running_var) {
         const double n = (double)(g * S), unbias = n / (n - 1.0);
@@ -497,17 +520,18 @@ int litplug_gbn_forward(const float *x, const float *weight, const float *bias, 
    Returns 0, or 1 when out of memory. */
 int litplug_gbn_backward(const float *dy, const float *x, const float *weight, const float *stats,
                          float *dx, float *dweight, float *dbias, float *sums, int64_t B,
-                         int64_t C, int64_t S, int64_t m) {
-    const int64_t g = B / m;
+                         int64_t C, int64_t S, int64_t m, int contiguous) {
+    const int64_t g = B / m, mats = contiguous ? m : 1, N = C * S * (m / mats);
     const float *means = stats, *invstds = stats + m * C;
     float *sum_dy = sums, *sum_dy_xhat = sums + m * C;
     if (S == 1)
-        backward_columns(dy, x, weight, means, invstds, dx, sum_dy, sum_dy_xhat, g, m * C, C);
+        backward_columns(dy, x, weight, means, invstds, dx, sum_dy, sum_dy_xhat, mats, g, N, C);
     else if (S < SHORT_CHANNEL) {
-        if (backward_short_channels(dy, x, weight, means, invstds, dx, sum_dy, sum_dy_xhat, g,
-                                    m * C * S, C, S))
+        if (backward_short_channels(dy, x, weight, means, invstds, dx, sum_dy, sum_dy_xhat, mats,
+                                    g, N, C, S))
             return 1;
-    } else if (backward_ghosts(dy, x, weight, means, invstds, dx, sum_dy, sum_dy_xhat, C, S, m, g))
+    } else if (backward_ghosts(dy, x, weight, means, invstds, dx, sum_dy, sum_dy_xhat, C, S, m, g,
+                               contiguous))
         return 1;
     float *dw = sum_dy_xhat, *db = sum_dy;  /* ghost 0's rows collect the sums over ghosts */
     for (int64_t k = 1; k < m; ++k)

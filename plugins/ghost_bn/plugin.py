@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
 
-from .functional import GhostBatchNorm
+from .functional import PARTITIONS, GhostBatchNorm, Partition
 
 __all__ = ["GhostBatchNormPlugin", "replace_batchnorms"]
 
@@ -22,21 +22,25 @@ def _is_plain_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, BATCHNORM_TYPES) and not isinstance(module, GhostBatchNorm)
 
 
-def replace_batchnorms(model: nn.Module, ghost_batch_size: int) -> nn.Module:
+def replace_batchnorms(
+    model: nn.Module, ghost_batch_size: int, partition: Partition = "contiguous"
+) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d in ``model`` by a :class:`GhostBatchNorm`, in place.
 
     Parameters and buffers are shared with the replaced layers, so names, values and identities are
     unchanged. Existing ghost layers are left alone (idempotent). Returns ``model``, or the new layer
-    when ``model`` itself is a BatchNorm (which cannot be replaced in place).
+    when ``model`` itself is a BatchNorm (which cannot be replaced in place). ``partition``: which
+    examples share a ghost batch (:data:`~.functional.Partition`).
     """
     if _is_plain_batchnorm(model):
-        return GhostBatchNorm.from_batchnorm(model, ghost_batch_size)  # type: ignore[arg-type]
+        return GhostBatchNorm.from_batchnorm(model, ghost_batch_size, partition=partition)  # type: ignore[arg-type]
     # Collect first: replacing while iterating named_modules would mutate what is iterated.
     targets = [(name, m) for name, m in model.named_modules() if name and _is_plain_batchnorm(m)]
     for name, bn in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GhostBatchNorm.from_batchnorm(bn, ghost_batch_size))  # type: ignore[arg-type]
+        ghost = GhostBatchNorm.from_batchnorm(bn, ghost_batch_size, partition=partition)  # type: ignore[arg-type]
+        setattr(parent, child, ghost)
     return model
 
 
@@ -59,18 +63,28 @@ class GhostBatchNormPlugin(Plugin):
             per-device batch size.
         allow_no_batchnorm: accept a model without BatchNorm (the plugin then does nothing)
             instead of failing at setup.
+        partition: which examples share a ghost batch: ``"contiguous"`` (chunks of
+            ``ghost_batch_size`` consecutive examples, as ``torch.chunk``; the faster one on CPU) or
+            ``"strided"`` (examples ``k, k + m, ...``; the faster one on GPU, see the README).
     """
 
     name = "ghost_bn"
 
-    def __init__(self, ghost_batch_size: int = 32, allow_no_batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        ghost_batch_size: int = 32,
+        allow_no_batchnorm: bool = False,
+        partition: Partition = "contiguous",
+    ) -> None:
         self.check(
             isinstance(ghost_batch_size, int) and not isinstance(ghost_batch_size, bool),
             "ghost_batch_size",
             f"must be an integer >= 2, got {ghost_batch_size!r}",
         )
         self.check_range("ghost_batch_size", ghost_batch_size, low=2)
+        self.check(partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {partition!r}")
         self.ghost_batch_size = ghost_batch_size
+        self.partition: Partition = partition
         self.allow_no_batchnorm = allow_no_batchnorm
         self.requires = () if allow_no_batchnorm else ("batchnorm",)
 
@@ -102,7 +116,7 @@ class GhostBatchNormPlugin(Plugin):
 
     @hookimpl
     def litplug_configure_model(self, model: nn.Module) -> nn.Module:
-        return replace_batchnorms(model, self.ghost_batch_size)
+        return replace_batchnorms(model, self.ghost_batch_size, self.partition)
 
     @hookimpl
     def litplug_on_fit_start(self, module: LightningModule, sample_batch: Any) -> None:

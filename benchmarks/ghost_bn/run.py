@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -115,9 +116,14 @@ def _fwd_bwd(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], None
 
 
 def _time_round_robin(
-    steps: dict[str, Callable[[], object]], repeats: int, inner: int
+    steps: dict[str, Callable[[], object]],
+    repeats: int,
+    inner: int,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
-    """Milliseconds of every call of each step, in round order.
+    """Milliseconds of every call of each step, in round order (and, into ``faults`` when given,
+    the minor page faults of the process during each call: the allocator handing out pages the
+    kernel must zero, which costs ~1 us per 4 KB page and lands on whichever call gets them).
 
     The variants alternate call by call (``repeats * inner`` calls each), so a burst of load from
     other processes hits all of them alike instead of one variant's block of calls. Each round runs
@@ -135,9 +141,14 @@ def _time_round_robin(
     for _ in range(repeats * inner):
         shuffler.shuffle(order)
         for name, step in order:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if faults is not None else 0
             start = time.perf_counter()
             step()
             samples[name].append((time.perf_counter() - start) * 1e3)
+            if faults is not None:
+                faults.setdefault(name, []).append(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+                )
     return samples
 
 
@@ -178,6 +189,7 @@ class SpeedRow:
     warm_ms: dict[str, float]  # medians in bursts (see _time_bursts): plain, ghost, loop, floor
     floor_ms: float  # MemoryFloorLayer: the bytes moved, nothing computed
     strided_ms: float  # GhostBatchNorm with partition="strided" (the default is "contiguous")
+    faults: dict[str, float] = dataclasses.field(default_factory=dict)  # minor page faults per call
 
     @property
     def num_ghosts(self) -> int:
@@ -200,7 +212,10 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
     }
     numel = math.prod(shape)
     inner = max(1, int(1_000_000 // numel))  # small (fast) shapes get more timed calls
-    samples = _time_round_robin({k: _fwd_bwd(v, x, grad_out) for k, v in layers.items()}, repeats, inner)
+    faults: dict[str, list[int]] = {}
+    samples = _time_round_robin(
+        {k: _fwd_bwd(v, x, grad_out) for k, v in layers.items()}, repeats, inner, faults
+    )
     ms = {name: statistics.median(values) for name, values in samples.items()}
     ratios = [g / p for g, p in zip(samples["ghost"], samples["plain"], strict=True)]
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
@@ -218,6 +233,7 @@ def measure_speed(shape: tuple[int, ...], ghost: int, repeats: int) -> SpeedRow:
         warm_ms,
         ms["floor"],
         ms["strided"],
+        {name: statistics.fmean(values) for name, values in faults.items()},
     )
 
 
@@ -656,8 +672,9 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
         "| activation | ghost g | ghost batches | plain BN ms | GBN ms | GBN torch ops ms | chunk loop ms "
         "| GBN / BN | paired GBN / BN: median [quartiles] | torch ops / BN | loop / GBN "
         "| memory floor ms | loop / floor (bound) | warm: BN ms | warm: GBN / BN | warm: loop / GBN "
-        "| warm: loop / floor | GBN strided ms | strided / GBN | loop / GBN strided |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| warm: loop / floor | GBN strided ms | strided / GBN | loop / GBN strided "
+        "| page faults per call: BN / GBN / loop / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q1, q2, q3 = r.paired
@@ -669,7 +686,9 @@ def speed_table(rows: list[SpeedRow]) -> list[str]:
             f"{r.floor_ms:.3f} | {r.loop_ms / r.floor_ms:.2f}x | "
             f"{w['plain']:.3f} | {w['ghost'] / w['plain']:.2f}x | {w['loop'] / w['ghost']:.2f}x | "
             f"{w['loop'] / w['floor']:.2f}x | {r.strided_ms:.3f} | {r.strided_ms / r.ghost_ms:.2f}x | "
-            f"{r.loop_ms / r.strided_ms:.2f}x |"
+            f"{r.loop_ms / r.strided_ms:.2f}x | "
+            + " / ".join(f"{r.faults.get(k, float('nan')):.0f}" for k in ("plain", "ghost", "loop", "floor"))
+            + " |"
         )
     return lines
 
@@ -832,11 +851,25 @@ def target_lines(sections: list[SpeedSection]) -> list[str]:
             f"out of reach: loop / floor < 3x) and {len(warm_misses)} of {total} warm ones "
             f"({len(warm_unreachable)} out of reach)"
         )
+        # per shape, the median over the runs: a single run's figure moves 10-30% with the load
+        by_shape: dict[tuple[tuple[int, ...], int], list[float]] = {}
+        for r in many:
+            by_shape.setdefault((r.shape, r.ghost), []).append(r.loop_ms / r.ghost_ms)
+        medians = {key: statistics.median(values) for key, values in by_shape.items()}
+        low_key = min(medians, key=lambda key: medians[key])
+        median_note = (
+            f"; per shape, median of the {len(sec.layer_runs)} runs: lowest {medians[low_key]:.2f}x "
+            f"({list(low_key[0])} g={low_key[1]}), {sum(v < 3.0 for v in medians.values())} of "
+            f"{len(medians)} shapes below 3x"
+            if len(sec.layer_runs) > 1
+            else ""
+        )
         lines.append(
             f"| loop / GBN >= 3x at >= 32 ghost batches (METHODS.md) | {sec.threads} | call by call "
             f"{_range([r.loop_ms / r.ghost_ms for r in many])}, warm "
             f"{_range([r.warm_ms['loop'] / r.warm_ms['ghost'] for r in many])}"
             + (f"; below 3x call by call: {listed}" if misses else "")
+            + median_note
             + f" | {verdict} |"
         )
         strided = [r.loop_ms / r.strided_ms for r in many]
@@ -986,6 +1019,10 @@ def main() -> None:
         "layer that moves the bytes a normalisation must move and computes nothing (forward: read the "
         "input, write the output; backward: read the input and the output gradient, write the input "
         "gradient; `MemoryFloorLayer`), so `loop / floor` bounds the `loop / GBN` any kernel can reach. "
+        "Page faults per call: the process's minor page faults during each call-by-call call, averaged "
+        "(glibc returns freed multi-MB buffers to the OS when the heap's top is free, and the next "
+        "allocation faults its pages in again, ~1 us each; how often depends on the order of frees, "
+        "so it varies between variants and runs). "
         "Paired = each round's GBN call divided by the BN call just before it; its quartiles show the "
         "spread the machine's load caused. Call by call, each variant's input was last touched by the "
         "other variants' calls; the *warm* columns time bursts of one variant's calls (2 per burst on "

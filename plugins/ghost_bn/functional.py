@@ -22,10 +22,11 @@ strided layout on ``[512, 32, 8, 8]`` and 0.92-0.95x on ``[512, 256]`` and ``[51
 (forward + backward, benchmarks/ghost_bn), while the torch-ops path folds a strided partition
 with a free ``view`` (``[m * g, C, *S] -> [g, m * C, *S]``) but needs a transpose copy forwards
 and backwards for contiguous chunks (1.4-2.2x its strided time on CPU). So on GPUs, which use the
-torch-ops path, ``"strided"`` is the faster choice; it also makes a multi-device run with
-:class:`~litplug.core.data.sampling.ResumableBatchSampler`'s strided shards normalise exactly the
-ghost batches of a one-device run. Which examples share a ghost batch is irrelevant for shuffled
-batches; for sorted data a strided partition mixes classes better.
+torch-ops path, ``"strided"`` is the faster choice. The default also matches
+:class:`~litplug.core.data.sampling.ResumableBatchSampler`'s contiguous per-rank shards, so a
+multi-device run normalises exactly the ghost batches of a one-device run (when ``g`` divides the
+per-device batch). Which examples share a ghost batch is irrelevant for shuffled batches; for
+sorted data a strided partition mixes classes better.
 The affine parameters are fed to the same fused call as
 ``weight`` tiled ``m`` times (their gradient is summed back over the ``m`` copies by autograd): applying them
 afterwards with a broadcast multiply-add costs an extra pass forwards and a slow broadcast reduction

@@ -109,8 +109,8 @@ def _center_worker(rank: int, store: str, out_dir: str) -> None:
     try:
         model, batches = _two_batches()
         plugin = CenterLoss(alpha=0.5)
-        for x, y in batches:  # rank r takes rows r, r+2, ... of each global batch (litplug's sharding)
-            _plugin_step(plugin, model, x[rank::2], y[rank::2])
+        for x, y in batches:  # rank r takes the r-th half of each global batch (litplug's sharding)
+            _plugin_step(plugin, model, x[6 * rank : 6 * rank + 6], y[6 * rank : 6 * rank + 6])
         torch.save(plugin.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()

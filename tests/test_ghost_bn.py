@@ -435,3 +435,30 @@ def test_f_batch_norm_reference_is_what_plain_path_calls() -> None:
     rm, rv = torch.zeros(3), torch.ones(3)
     out = ghost_batch_norm(x, rm.clone(), rv.clone(), None, None, 10, 0.1, 1e-5, True)
     torch.testing.assert_close(out, F.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("partition", ["contiguous", "strided"])
+@pytest.mark.parametrize("batch", [32, 36])  # equal ghost batches; a tail of 4 joins the last one
+@pytest.mark.parametrize("model_fn", [lambda: MLP(64, [16], batch_norm=True), lambda: SmallCNN(width=4)])
+def test_vmapped_deep_ensemble_equals_its_sequential_members(model_fn, batch: int, partition: str) -> None:
+    """A deep ensemble's vmap path (torch.func over stacked members) runs ghost batch norm like a
+    loop over the members: outputs, gradients and every member's running statistics."""
+    from litplug.plugins.ensemble import MemberStack, make_members, sum_of_member_losses
+
+    inputs = torch.rand(batch, 64) if isinstance(model_fn(), MLP) else torch.rand(batch, 1, 8, 8)
+    targets = torch.randint(0, 10, (batch,))
+    results = []
+    for path in ("sequential", "vmap"):
+        torch.manual_seed(0)
+        model = replace_batchnorms(model_fn(), 8, partition=partition)
+        stack = MemberStack(make_members(model, 3, base_seed=0)).train()
+        loss = sum_of_member_losses(stack.forward_with(path, inputs), targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in stack.parameters()], list(stack.buffers())))
+    (loss_a, grads_a, buffers_a), (loss_b, grads_b, buffers_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(buffers_a, buffers_b, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(int(b) == 1 for b in buffers_b if not b.is_floating_point())

@@ -199,8 +199,10 @@ def _fused_equal(
     out = torch.batch_norm(
         folded, weight, bias, tiled_mean.view(-1), tiled_var.view(-1), True, mu, eps, cudnn
     )
-    torch.sum(tiled_mean, 0, out=running_mean)
-    torch.sum(tiled_var, 0, out=running_var)
+    # copy_, not sum(out=...): torch.func.vmap (a vmapped deep ensemble) has no batching rule for
+    # out= reductions, and copy_ costs the same on C values.
+    running_mean.copy_(tiled_mean.sum(0))
+    running_var.copy_(tiled_var.sum(0))
     return _unfold(out, x.shape, num_ghosts, partition)
 
 
@@ -229,8 +231,9 @@ def _update_running(
     mean = (counts[:, None] * means).sum(0) / counts.sum()
     dof = counts * values_per_example - 1
     var = (dof[:, None] * variances).sum(0) / dof.sum()
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(var.to(running_var.dtype), momentum)
+    # mul_ + add_, not lerp_: lerp_ has no vmap batching rule (a vmapped deep ensemble warns).
+    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
 
 
 def ghost_batch_norm(

@@ -198,11 +198,19 @@ def litplug_on_eval_start(module: LightningModule, stage: str) -> None:
 
 @hookspec
 def litplug_eval_step(
-    module: LightningModule, batch: Any, outputs: Any, log_probs: Tensor | None, targets: Tensor, stage: str
+    module: LightningModule,
+    batch: Any,
+    raw_batch: Any,
+    outputs: Any,
+    log_probs: Tensor | None,
+    targets: Tensor,
+    stage: str,
 ) -> dict[str, Tensor | float] | None:
     """Per-batch evaluation metrics (robust accuracy, member accuracy, diversity).
 
-    Fires in every validation/test step after the core metrics. Returned values are logged as
+    Fires in every validation/test step after the core metrics. ``batch`` is what the model saw
+    (after :func:`litplug_transform_batch`), ``raw_batch`` the batch as the dataloader gave it: an
+    attack perturbs the raw inputs through ``module.class_scores``, which applies the transforms. Returned values are logged as
     ``<stage>/<name>`` and averaged over the epoch (weighted by batch size). Results: collected;
     duplicate names across plugins are an error. Ranks: all; values are averaged across ranks.
     """

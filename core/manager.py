@@ -195,6 +195,7 @@ class PluginHooks:
         self,
         module: LightningModule,
         batch: Any,
+        raw_batch: Any,
         outputs: Any,
         log_probs: Tensor | None,
         targets: Tensor,
@@ -203,6 +204,7 @@ class PluginHooks:
         kwargs = {
             "module": module,
             "batch": batch,
+            "raw_batch": raw_batch,
             "outputs": outputs,
             "log_probs": log_probs,
             "targets": targets,

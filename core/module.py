@@ -201,6 +201,22 @@ class LitplugModule(L.LightningModule):
         result = self.hooks.log_probs(module=self, outputs=outputs, stage=stage)
         return result if result is not None else F.log_softmax(outputs, dim=-1)
 
+    def class_scores(self, inputs: Any) -> Tensor:
+        """Class scores ``[B, K]`` of the prediction the configured plugins make from raw ``inputs``.
+
+        The predict path, differentiable: :func:`~litplug.core.hookspecs.litplug_transform_batch`
+        at stage ``"predict"`` (MIMO tiles the input for its members), the forward pass, and
+        :func:`~litplug.core.hookspecs.litplug_log_probs` at ``"predict"`` (a deep ensemble's or
+        MIMO's averaged probabilities). Attacks (``pgd_at``, ``adt``, ``robust_eval``) differentiate
+        this, so they attack what the model as configured predicts, not one member or head. Without
+        a plugin that sets the prediction rule these are the model's logits; otherwise
+        log-probabilities. Either way softmax, argmax, cross-entropy and margins are the prediction's.
+        """
+        inputs = self.hooks.transform_batch(module=self, batch=inputs, stage="predict")
+        outputs = self(inputs)
+        log_probs = self.hooks.log_probs(module=self, outputs=outputs, stage="predict")
+        return outputs if log_probs is None else log_probs
+
     # -- training ---------------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -281,6 +297,7 @@ class LitplugModule(L.LightningModule):
     # -- evaluation -------------------------------------------------------------------------------
 
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        raw_batch = batch
         batch = self.hooks.transform_batch(module=self, batch=batch, stage=stage)
         inputs, targets = self.split_batch(batch)
         outputs = self(inputs)
@@ -292,7 +309,13 @@ class LitplugModule(L.LightningModule):
             log_probs = self.log_probs(outputs, stage)
             self._update_metrics(stage, log_probs, targets)
         extra = self.hooks.eval_step(
-            module=self, batch=batch, outputs=outputs, log_probs=log_probs, targets=targets, stage=stage
+            module=self,
+            batch=batch,
+            raw_batch=raw_batch,
+            outputs=outputs,
+            log_probs=log_probs,
+            targets=targets,
+            stage=stage,
         )
         for name, value in extra.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)

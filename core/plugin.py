@@ -26,7 +26,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, ClassVar
 
-from litplug.core.errors import CheckpointError, PluginConfigError
+import torch
+
+from litplug.core.errors import CheckpointError, PluginConfigError, PluginSetupError
 
 
 class Plugin:
@@ -73,6 +75,29 @@ class Plugin:
             lo = "-inf" if low is None else f"{low:g}"
             hi = "inf" if high is None else f"{high:g}"
             raise PluginConfigError(self.name, argument, f"must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+    def check_batch(self, batch: Any, *, float_inputs: bool = False, class_targets: bool = False) -> None:
+        """Reject a batch of a kind this plugin cannot work on (called on the first training batch,
+        so a wrong pairing of plugin and data fails before the first step).
+
+        ``float_inputs``: the inputs must be a floating-point tensor (an attack perturbs them; token
+        ids cannot be). ``class_targets``: the targets must be one class index per example, ``[B]``.
+        """
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return  # the core's split_batch reports malformed batches
+        inputs, targets = batch
+        if float_inputs and isinstance(inputs, torch.Tensor) and not inputs.is_floating_point():
+            raise PluginSetupError(
+                f"plugin '{self.name}' perturbs its inputs, so it needs floating-point inputs "
+                f"(images, features); the batches hold {inputs.dtype} inputs of shape "
+                f"{tuple(inputs.shape)} (token ids?)"
+            )
+        if class_targets and isinstance(targets, torch.Tensor):
+            if targets.dim() != 1 or targets.is_floating_point():
+                raise PluginSetupError(
+                    f"plugin '{self.name}' needs one class index per example (targets [B] of "
+                    f"integers); the batches hold {targets.dtype} targets of shape {tuple(targets.shape)}"
+                )
 
     def check_choice(self, argument: str, value: object, allowed: tuple[object, ...]) -> None:
         if value not in allowed:

@@ -88,7 +88,7 @@ def _plugin_step(plugin: CenterLoss, model: nn.Module, x: torch.Tensor, y: torch
         num_classes = 10
 
     _Module.model = model  # type: ignore[attr-defined]
-    plugin.litplug_on_fit_start(_Module)
+    plugin.litplug_on_fit_start(_Module, (x, y))
     outputs = model(x)
     assert "center" in plugin.litplug_extra_losses(_Module, outputs, y, "train")
     plugin.litplug_on_train_batch_end()
@@ -309,7 +309,7 @@ def test_freeze_classifier_is_restored_from_the_checkpoint_state() -> None:
     plugin = CenterLoss(freeze_classifier=True)
     plugin.load_state_dict({"centers": None, "seen": None, "frozen": None, "classifier_frozen": True})
     module = LitplugModule(model, plugins=[plugin])
-    plugin.litplug_on_fit_start(module)
+    plugin.litplug_on_fit_start(module, (torch.rand(4, 64), torch.zeros(4, dtype=torch.long)))
     assert not any(p.requires_grad for p in model.head.parameters())
     old = CenterLoss()
     old.load_state_dict({"centers": None, "seen": None, "frozen": None})  # a checkpoint from before the flag

@@ -25,7 +25,7 @@ Sign convention (tested): :func:`tanh_gaussian_entropy` estimates the entropy ``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
 import torch
@@ -48,6 +48,8 @@ __all__ = [
 
 AmortizedVariant = Literal["exp_am", "imp_am"]
 Clip = tuple[float, float] | None
+#: Inputs -> class scores ``[B, K]``: a classifier, or the prediction of a configured LitplugModule.
+Scores = Callable[[Tensor], Tensor]
 _LOG_EPS = 1e-8
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -87,7 +89,7 @@ def signed_adam_step(param: Tensor, grad: Tensor, lr: float, eps: float = 1e-8) 
 
 
 def adt_exp_inputs(
-    model: nn.Module,
+    model: Scores,
     x: Tensor,
     targets: Tensor,
     epsilon: float,
@@ -345,7 +347,7 @@ def _normalised(grad: Tensor) -> Tensor:
     return (flat / scale).view_as(grad)
 
 
-def _ce_input_gradient(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
+def _ce_input_gradient(model: Scores, x: Tensor, targets: Tensor) -> Tensor:
     """Gradient of the summed cross-entropy with respect to ``x`` (what
     :func:`~litplug.plugins.attacks.functional.input_gradient` gives for ``"ce"``, with the fused
     ``reduction="sum"`` and without returning logits: this runs twice in every amortised step)."""
@@ -357,7 +359,7 @@ def _ce_input_gradient(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
 
 
 def generator_features(
-    model: nn.Module, x: Tensor, targets: Tensor, epsilon: float, clip: Clip
+    model: Scores, x: Tensor, targets: Tensor, epsilon: float, clip: Clip
 ) -> tuple[Tensor, Tensor]:
     """The generator's gradient inputs: CE gradient at ``x`` and at the FGSM point (2 passes)."""
     grad_clean = _ce_input_gradient(model, x, targets)
@@ -367,7 +369,7 @@ def generator_features(
 
 
 def amortized_inputs(
-    model: nn.Module,
+    model: Scores,
     generator: GeneratorNet,
     x: Tensor,
     targets: Tensor,

@@ -195,6 +195,7 @@ class AdversarialDistributionalTraining(Plugin):
 
     @hookimpl
     def litplug_on_fit_start(self, module: Any, sample_batch: Any) -> None:
+        self.check_batch(sample_batch, float_inputs=True)
         if self.amortized:
             self._ensure_networks(module, module.split_batch(sample_batch)[0])
 
@@ -206,7 +207,7 @@ class AdversarialDistributionalTraining(Plugin):
         if not self.amortized:
             with self._attack_context(module.model):
                 adversarial = adt_exp_inputs(
-                    module.model,
+                    module.class_scores,  # the prediction as configured (ensemble average, MIMO)
                     inputs,
                     targets,
                     self.epsilon,
@@ -222,7 +223,7 @@ class AdversarialDistributionalTraining(Plugin):
         assert self.generator is not None
         with self._attack_context(module.model):
             adversarial, self._regulariser = amortized_inputs(
-                module.model,
+                module.class_scores,
                 self.generator,
                 inputs,
                 targets,

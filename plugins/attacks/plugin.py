@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -169,19 +170,24 @@ class RobustEvaluation(Plugin):
         )
 
     @hookimpl
+    def litplug_on_fit_start(self, sample_batch: Any) -> None:
+        self.check_batch(sample_batch, float_inputs=True)
+
+    @hookimpl
     def litplug_on_eval_start(self) -> None:
         self._batches_seen = 0
 
     @hookimpl
-    def litplug_eval_step(
-        self, module: Any, batch: Any, targets: Tensor, stage: str
-    ) -> dict[str, Tensor] | None:
+    def litplug_eval_step(self, module: Any, raw_batch: Any, stage: str) -> dict[str, Tensor] | None:
         if stage not in self.stages:
             return None
         self._batches_seen += 1
         if self.max_batches is not None and self._batches_seen > self.max_batches:
             return None
-        inputs = module.split_batch(batch)[0]
+        # The raw inputs, attacked through the prediction as the plugins make it (MIMO tiles the
+        # input inside class_scores; an ensemble averages its members there).
+        self.check_batch(raw_batch, float_inputs=True)  # also without a fit (validate / test)
+        inputs, targets = module.split_batch(raw_batch)
         return robust_accuracies(
             module.model,
             inputs,
@@ -194,6 +200,7 @@ class RobustEvaluation(Plugin):
             margin_restarts=self.margin_restarts,
             clip=self.clip,
             seed=self.seed + self._batches_seen,
+            forward=module.class_scores,
         )
 
 
@@ -209,15 +216,21 @@ def robust_accuracies(
     margin_restarts: int = 3,
     clip: tuple[float, float] | None = (0.0, 1.0),
     seed: int | None = 0,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """``{"robust_acc_<attack>_eps<eps>": accuracy}`` on one batch, without touching training state."""
+    """``{"robust_acc_<attack>_eps<eps>": accuracy}`` on one batch, without touching training state.
+
+    ``forward`` maps inputs to the class scores that are attacked and scored (default: ``model``);
+    ``model`` is the module put in eval mode for the attack.
+    """
     results: dict[str, Tensor] = {}
     inputs = inputs.detach()
+    scores = model if forward is None else forward
     with evaluation_attack_context(model, seed):
         for eps in epsilons:
             for attack in attacks:
                 x_adv = run_named_attack(
-                    model,
+                    scores,
                     inputs,
                     targets,
                     attack,
@@ -229,13 +242,13 @@ def robust_accuracies(
                     clip,
                 )
                 with torch.no_grad():
-                    correct = (model(x_adv).argmax(dim=1) == targets).float().mean()
+                    correct = (scores(x_adv).argmax(dim=1) == targets).float().mean()
                 results[f"robust_acc_{attack}_eps{eps:g}"] = correct
     return results
 
 
 def run_named_attack(
-    model: nn.Module,
+    model: Callable[[Tensor], Tensor],
     inputs: Tensor,
     targets: Tensor,
     attack: str,

@@ -61,6 +61,10 @@ class CenterLoss(Plugin):
 
     name: ClassVar[str] = "center_loss"
     run_after = ("replay",)
+    # One feature vector per example, pulled to its class's center: an ensemble has one per member
+    # (its members' layers run inside vmap, where the feature hook does not fire), MIMO one for
+    # several examples with different labels.
+    conflicts_with = ("ensemble", "mimo")
     supports_ddp: ClassVar[bool] = True  # center updates use the global batch's sums and counts
 
     def __init__(
@@ -137,7 +141,8 @@ class CenterLoss(Plugin):
             )
 
     @hookimpl
-    def litplug_on_fit_start(self, module: Any) -> None:
+    def litplug_on_fit_start(self, module: Any, sample_batch: Any) -> None:
+        self.check_batch(sample_batch, class_targets=True)
         self._attach(module.model)
         if self.classifier_frozen:  # resumed after the first task end
             self._freeze_classifier(module.model)

@@ -55,6 +55,10 @@ class MIMO(Plugin):
     name = "mimo"
     stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("ensemble",)  # both replace the loss and the prediction rule
+    # Batch transforms of the raw (inputs, targets) first: replay mixes in its memory and an attack
+    # perturbs raw inputs (through class_scores, which tiles them for the members); then MIMO
+    # builds its members' batches from the result.
+    run_after = ("replay", "pgd_at", "adt")
 
     def __init__(
         self,

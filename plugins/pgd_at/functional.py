@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor, nn
@@ -27,8 +28,13 @@ def adversarial_training_inputs(
     clip: tuple[float, float] | None = (0.0, 1.0),
     attack_mode: AttackMode = "eval",
     allow_large_step: bool = False,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """PGD adversarial examples to train on, leaving the model's modes and BatchNorm stats as found.
+
+    ``forward`` maps inputs to the class scores the attack ascends (default: ``model`` itself);
+    the plugin passes the prediction as other plugins make it (``LitplugModule.class_scores``).
+    ``model`` is the module whose modes and BatchNorm statistics the attack sets and restores.
 
     ``attack_mode="eval"`` attacks the model in eval mode (BatchNorm uses running statistics, no
     dropout): the common choice, and what the ADT paper does. ``"train"`` attacks in train mode
@@ -39,7 +45,7 @@ def adversarial_training_inputs(
     guard = frozen_batchnorm_stats(model) if attack_mode == "train" else contextlib.nullcontext()
     with model_mode(model, attack_mode == "train"), guard:
         return pgd(
-            model,
+            model if forward is None else forward,
             x.detach(),
             targets,
             epsilon,

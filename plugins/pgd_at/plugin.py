@@ -76,6 +76,10 @@ class PGDAdversarialTraining(Plugin):
         return self.epsilon / 4 if self.step_size is None else self.step_size
 
     @hookimpl
+    def litplug_on_fit_start(self, sample_batch: Any) -> None:
+        self.check_batch(sample_batch, float_inputs=True)
+
+    @hookimpl
     def litplug_transform_batch(self, module: Any, batch: Any, stage: str) -> Any:
         if stage != "train":
             return None
@@ -94,5 +98,6 @@ class PGDAdversarialTraining(Plugin):
             clip,
             self.attack_mode,  # type: ignore[arg-type]
             self.allow_large_step,
+            forward=module.class_scores,  # the prediction as configured (ensemble average, MIMO)
         )
         return (adversarial, targets)

@@ -89,6 +89,10 @@ class Replay(Plugin):
         self.current_task = task_id
 
     @hookimpl
+    def litplug_on_fit_start(self, sample_batch: Any) -> None:
+        self.check_batch(sample_batch, class_targets=True)
+
+    @hookimpl
     def litplug_transform_batch(self, module: Any, batch: Any, stage: str) -> Any:
         if stage != "train":
             return None

@@ -274,7 +274,7 @@ def evaluate_task(module: Any, loader: Any, heads: TaskHeads | None, task: int, 
     previous_task = heads.active_task if heads is not None else None
     devices = [module.device] if module.device.type == "cuda" else []
     correct, total = 0, 0
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         module.eval()
         hooks = getattr(module, "hooks", None)
         if hooks is not None:
@@ -284,9 +284,9 @@ def evaluate_task(module: Any, loader: Any, heads: TaskHeads | None, task: int, 
         try:
             for inputs, targets in loader:
                 inputs, targets = inputs.to(module.device), targets.to(module.device)
-                outputs = module(inputs)
-                log_probs = module.log_probs(outputs, "test") if hasattr(module, "log_probs") else outputs
-                correct += int((log_probs.argmax(dim=-1) == targets).sum())
+                # class_scores: the prediction as the plugins make it (MIMO tiles the input)
+                scores = module.class_scores(inputs) if hasattr(module, "class_scores") else module(inputs)
+                correct += int((scores.argmax(dim=-1) == targets).sum())
                 total += int(targets.numel())
         finally:
             if hooks is not None:

@@ -29,8 +29,10 @@ def check_conflicts(plugins: Sequence[Plugin]) -> None:
     for plugin in plugins:
         for other in plugin.conflicts_with:
             if other in names:
+                reason = plugin.conflict_reasons.get(other)
+                because = f" ({reason})" if reason else ""
                 raise PluginSetupError(
-                    f"plugin '{plugin.name}' conflicts with plugin '{other}': configure only one of them"
+                    f"plugin '{plugin.name}' conflicts with plugin '{other}'{because}: configure only one of them"
                 )
 
 

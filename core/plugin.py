@@ -6,7 +6,8 @@ A plugin is a small object of hook implementations (methods marked with ``@hooki
 - ``name``: unique id used in ordering declarations, checkpoints and logs.
 - ``run_after`` / ``run_before``: names of plugins this one must follow / precede when both are
   configured; the core sorts plugins topologically and rejects cycles.
-- ``conflicts_with``: names of plugins that cannot be combined with this one.
+- ``conflicts_with``: names of plugins that cannot be combined with this one;
+  ``conflict_reasons`` maps some of them to why, which the setup error quotes.
 - ``requires``: names of model features (:mod:`litplug.core.features`) the model must have.
 - ``supports_ddp``: whether the plugin is correct under multi-process data parallelism.
 - ``rank_local_state``: under DDP the plugin's state legitimately differs per rank (the DDP
@@ -38,6 +39,7 @@ class Plugin:
     run_after: tuple[str, ...] = ()
     run_before: tuple[str, ...] = ()
     conflicts_with: tuple[str, ...] = ()
+    conflict_reasons: ClassVar[dict[str, str]] = {}
     requires: tuple[str, ...] = ()
     supports_ddp: ClassVar[bool] = True
     rank_local_state: ClassVar[bool] = False

@@ -176,3 +176,61 @@ def test_replay_on_sequence_targets_fails_before_the_first_step() -> None:
     with pytest.raises(PluginSetupError, match=r"'replay'.*one class index per example.*\(32, 5\)|\(8, 5\)"):
         trainer.fit(module, train_dataloaders=_token_loaders(torch.randint(0, 3, (32, 5))))
     assert trainer.global_step == 0
+
+
+# -- continual learning with every other plugin ---------------------------------------------------------
+
+CONTINUAL = [cls for cls in ON_MLP if cls.name in ("ewc", "replay", "center_loss")]
+CONTINUAL_PAIRS = [
+    pytest.param(c, other, id=f"{c.name}+{other.name}")
+    for c in CONTINUAL
+    for other in ON_MLP
+    if other is not c
+]
+
+
+@pytest.mark.parametrize(("continual", "other"), CONTINUAL_PAIRS)
+def test_a_continual_plugin_with_any_other_runs_two_tasks_or_is_rejected(continual, other, tmp_path) -> None:
+    """Task ends (EWC's Fisher, replay's and center loss's bookkeeping) and the per-task evaluation
+    with every other plugin in the model: a two-task Split-Digits run fills its accuracy matrix."""
+    from litplug.core.continual import ContinualLearning, fit_continual
+    from litplug.core.data.continual import SplitDigitsDataModule
+
+    L.seed_everything(0)
+    data = SplitDigitsDataModule(scenario="class", classes_per_task=5, epochs_per_task=1, batch_size=64)
+    trainer = quiet_trainer(
+        callbacks=[ContinualLearning()],
+        limit_val_batches=0,
+        limit_train_batches=2,
+        inference_mode=False,
+        default_root_dir=tmp_path,  # the driver writes continual.json and a heatmap there
+    )
+    if _declared_conflict(continual, other):
+        with pytest.raises(PluginSetupError, match="conflicts with plugin"):
+            fit_continual(_module(other.example(), continual.example()), data, trainer=trainer)
+        return
+    results = fit_continual(_module(other.example(), continual.example()), data, trainer=trainer)
+    assert [len(row) for row in results.matrix] == [1, 2]
+    assert all(0.0 <= acc <= 1.0 for row in results.matrix for acc in row)
+
+
+def test_continual_evaluation_uses_the_prediction_the_plugins_make() -> None:
+    """MIMO with a tiled evaluation input: the per-task accuracy goes through class_scores (raw
+    digits into a model whose input layer takes M of them would fail)."""
+    from litplug.core.continual import evaluate_task
+
+    module = _module(MIMO(num_members=2, eval_input="tiled", reliability_diagram=False))
+    module.apply_surgery()
+    x, y = torch.rand(16, 64), torch.randint(0, 10, (16,))
+    expected = float((module.eval().class_scores(x).argmax(-1) == y).float().mean())
+    assert evaluate_task(module, [(x, y)], None, 0, "class") == pytest.approx(expected)
+
+
+def test_a_conflict_error_says_why() -> None:
+    from litplug.plugins.ewc import EWC
+
+    with pytest.raises(PluginSetupError, match=r"'ewc' conflicts with plugin 'ensemble' \(its Fisher"):
+        quiet_trainer(max_steps=1).fit(
+            _module(EWC(), DeepEnsemble(num_members=2)),
+            datamodule=DigitsDataModule(batch_size=64, form="flat"),
+        )

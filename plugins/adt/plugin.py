@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -58,6 +58,7 @@ class AdversarialDistributionalTraining(Plugin):
     state_version = 2
     stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("pgd_at",)
+    conflict_reasons: ClassVar[dict[str, str]] = {"pgd_at": "both replace every training batch by an attack"}
 
     def __init__(
         self,

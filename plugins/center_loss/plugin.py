@@ -65,6 +65,10 @@ class CenterLoss(Plugin):
     # (its members' layers run inside vmap, where the feature hook does not fire), MIMO one for
     # several examples with different labels.
     conflicts_with = ("ensemble", "mimo")
+    conflict_reasons: ClassVar[dict[str, str]] = {
+        "ensemble": "center loss needs one feature vector per example; an ensemble has one per member",
+        "mimo": "center loss needs one feature vector per example; MIMO's serve several examples at once",
+    }
     supports_ddp: ClassVar[bool] = True  # center updates use the global batch's sums and counts
 
     def __init__(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import lightning as L
 import torch
@@ -85,7 +85,11 @@ class Distill(Plugin):
     """
 
     name = "distill"
-    conflicts_with = ("ensemble", "mimo")  # the student is a single model
+    conflicts_with = ("ensemble", "mimo")
+    conflict_reasons: ClassVar[dict[str, str]] = {
+        "ensemble": "the student is a single model (the teacher may be an ensemble checkpoint)",
+        "mimo": "the student is a single model (the teacher may be a MIMO checkpoint)",
+    }
 
     def __init__(
         self,

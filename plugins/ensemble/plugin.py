@@ -56,6 +56,10 @@ class DeepEnsemble(Plugin):
 
     name = "ensemble"
     conflicts_with = ("mimo", "distill")
+    conflict_reasons: ClassVar[dict[str, str]] = {
+        "mimo": "both replace the loss and the prediction rule",
+        "distill": "the student is a single model (the teacher may be an ensemble checkpoint)",
+    }
     supports_ddp: ClassVar[bool] = True
     #: ``path="auto"`` leaves the device's expected winner (sequential on a CPU, vmap on CUDA) only
     #: for a path that timed more than this fraction faster (short timings on a shared machine are noisy).

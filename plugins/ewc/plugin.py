@@ -99,6 +99,13 @@ class EWC(Plugin):
     """
 
     name: ClassVar[str] = "ewc"
+    # Its Fisher is that of one classifier's [B, K] log-softmax over the task's raw inputs: an
+    # ensemble's [M, B, K] outputs or MIMO's heads on tiled inputs would need an estimator of their own.
+    conflicts_with = ("ensemble", "mimo")
+    conflict_reasons: ClassVar[dict[str, str]] = {
+        "ensemble": "its Fisher estimator handles one classifier's [B, K] outputs, not an ensemble's [M, B, K]",
+        "mimo": "its Fisher estimator feeds raw inputs to one classifier, not MIMO's tiled inputs and heads",
+    }
     supports_ddp: ClassVar[bool] = True
 
     def __init__(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import lightning as L
 import torch
@@ -54,7 +54,8 @@ class MIMO(Plugin):
 
     name = "mimo"
     stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
-    conflicts_with = ("ensemble",)  # both replace the loss and the prediction rule
+    conflicts_with = ("ensemble",)
+    conflict_reasons: ClassVar[dict[str, str]] = {"ensemble": "both replace the loss and the prediction rule"}
     # Batch transforms of the raw (inputs, targets) first: replay mixes in its memory and an attack
     # perturbs raw inputs (through class_scores, which tiles them for the members); then MIMO
     # builds its members' batches from the result.

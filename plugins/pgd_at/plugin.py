@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
@@ -31,6 +31,7 @@ class PGDAdversarialTraining(Plugin):
     name = "pgd_at"
     stochastic_training = True  # random noise / starts / shuffles while training (see core/plugin.py)
     conflicts_with = ("adt",)
+    conflict_reasons: ClassVar[dict[str, str]] = {"adt": "both replace every training batch by an attack"}
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import assert_same_state, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -234,3 +234,45 @@ def test_a_conflict_error_says_why() -> None:
             _module(EWC(), DeepEnsemble(num_members=2)),
             datamodule=DigitsDataModule(batch_size=64, form="flat"),
         )
+
+
+# -- several plugins resume together ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("ghost_bn", "ema", "replay", "pgd_at"), ("ensemble", "ema", "adt"), ("mimo", "replay", "robust_eval")],
+    ids="+".join,
+)
+def test_a_killed_run_with_several_plugins_resumes_to_identical_weights(names, tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_resume import KillAtStep, Killed
+
+    by_name = {cls.name: cls for cls in ON_MLP}
+
+    def run(callbacks: list, ckpt_path=None) -> LitplugModule:
+        L.seed_everything(0)
+        module = _module(*(by_name[name].example() for name in names))
+        trainer = quiet_trainer(
+            max_steps=6,
+            limit_val_batches=0,
+            callbacks=callbacks,
+            enable_checkpointing=bool(callbacks),
+            deterministic=True,
+            inference_mode=False,
+        )
+        try:
+            trainer.fit(module, datamodule=DigitsDataModule(batch_size=128, form="flat"), ckpt_path=ckpt_path)
+        except Killed:
+            pass
+        return module
+
+    reference = run([])
+    run([ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1), KillAtStep(3)])
+    resumed = run([], ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+    for ref_plugin, res_plugin in zip(reference.plugins, resumed.plugins, strict=True):
+        assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)

@@ -1,4 +1,5 @@
-"""Runs under ``torchrun --nproc-per-node=2``: short DDP fits per registered plugin and callback.
+"""Runs under ``torchrun --nproc-per-node=2``: short DDP fits per registered plugin, per callback and
+for a few combinations of plugins.
 
 Each rank trains with half the single-process batch, so the global batch equals the single-process
 run in tests/test_ddp.py. Rank 0 saves the final weights (or the error) per case to ``OUT_DIR``.
@@ -35,13 +36,22 @@ KILL_AT = 2  # mid-epoch
 SINGLE_PROCESS_BATCH = 128
 
 
-def ddp_cases() -> dict[str, tuple[type | None, type | None]]:
+#: Plugins combined under DDP (tests/test_composition.py pairs them all in one process).
+COMBINATIONS = (("ghost_bn", "ema", "center_loss"), ("ensemble", "pgd_at"), ("mimo", "replay"))
+
+Case = tuple[tuple[type, ...], type | None]  # (plugin classes, callback class)
+
+
+def ddp_cases() -> dict[str, Case]:
     """Every case, or only those named in ``LITPLUG_DDP_CASES`` (comma-separated) when it is set."""
-    cases: dict[str, tuple[type | None, type | None]] = {"no-plugin": (None, None)}
-    for info in available_plugins().values():
-        cases[f"plugin-{info.name}"] = (info.cls, None)
+    cases: dict[str, Case] = {"no-plugin": ((), None)}
+    plugins = {info.name: info.cls for info in available_plugins().values()}
+    for name, cls in plugins.items():
+        cases[f"plugin-{name}"] = ((cls,), None)
+    for names in COMBINATIONS:
+        cases[f"plugins-{'+'.join(names)}"] = (tuple(plugins[n] for n in names), None)
     for callback in builtin_callbacks():
-        cases[f"callback-{callback.__name__}"] = (None, callback)
+        cases[f"callback-{callback.__name__}"] = ((), callback)
     selected = [name for name in os.environ.get("LITPLUG_DDP_CASES", "").split(",") if name]
     if selected:
         unknown = sorted(set(selected) - set(cases))
@@ -52,19 +62,20 @@ def ddp_cases() -> dict[str, tuple[type | None, type | None]]:
 
 
 def build(
-    plugin_cls: type | None,
+    plugin_classes: tuple[type, ...],
     callback_cls: type | None,
     devices: int,
     checkpoint_dir: Path | None = None,
 ) -> tuple[L.Trainer, LitplugModule, L.LightningDataModule]:
     """The same model, data and optimizer for a run on ``devices`` processes (same global batch)."""
     L.seed_everything(0)
-    plugin = plugin_cls.example() if plugin_cls is not None else None
-    model, data = example_run(plugin, batch_size=SINGLE_PROCESS_BATCH, dropout=0.0)
+    plugins = [cls.example() for cls in plugin_classes]
+    needing = [p for p in plugins if p.requires] or plugins  # the model fits the plugin with needs
+    model, data = example_run(needing[0] if needing else None, batch_size=SINGLE_PROCESS_BATCH, dropout=0.0)
     data.batch_size = data.batch_size // devices  # type: ignore[attr-defined]
     module = LitplugModule(
         model,
-        plugins=[plugin] if plugin else [],
+        plugins=plugins,
         optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
     )
     callbacks = [DistributedPlugins()]
@@ -99,24 +110,24 @@ def snapshot(module: LitplugModule) -> dict[str, object]:
 
 
 def stop_and_resume(
-    plugin_cls: type | None, callback_cls: type | None, checkpoints: Path
+    plugin_classes: tuple[type, ...], callback_cls: type | None, checkpoints: Path
 ) -> dict[str, object]:
     """The run stopped with a checkpoint at ``KILL_AT`` (as if killed), then resumed to ``STEPS``."""
-    trainer, module, data = build(plugin_cls, callback_cls, devices=2, checkpoint_dir=checkpoints)
+    trainer, module, data = build(plugin_classes, callback_cls, devices=2, checkpoint_dir=checkpoints)
     trainer.fit_loop.epoch_loop.max_steps = KILL_AT
     trainer.fit(module, datamodule=data)
-    trainer, module, data = build(plugin_cls, callback_cls, devices=2)
+    trainer, module, data = build(plugin_classes, callback_cls, devices=2)
     trainer.fit(module, datamodule=data, ckpt_path=checkpoints / f"epoch=0-step={KILL_AT}.ckpt")
     return snapshot(module)
 
 
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
-    for name, (plugin_cls, callback_cls) in ddp_cases().items():
+    for name, (plugin_classes, callback_cls) in ddp_cases().items():
         result: dict[str, object]
         per_rank: dict[str, object] = {}
         try:
-            trainer, module, data = build(plugin_cls, callback_cls, devices=2)
+            trainer, module, data = build(plugin_classes, callback_cls, devices=2)
             trainer.fit(module, datamodule=data)
             result = {"state": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
             per_rank["uninterrupted"] = snapshot(module)
@@ -125,7 +136,7 @@ def main(out_dir: Path) -> None:
         if "error" not in result:
             try:
                 per_rank["resumed"] = stop_and_resume(
-                    plugin_cls, callback_cls, out_dir / f"{name}-checkpoints"
+                    plugin_classes, callback_cls, out_dir / f"{name}-checkpoints"
                 )
             except Exception as err:
                 per_rank["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"

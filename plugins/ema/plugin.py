@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from litplug.core import distributed
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
 
@@ -125,8 +126,21 @@ class EMA(Plugin):
         if step <= self.last_update_step:
             return  # already done, or gradient accumulation: no optimizer step since the last update
         if self.should_update(step - 1):
-            self._ensure_averaged(module).update_parameters(cast(nn.Module, module.model))
+            averaged = self._ensure_averaged(module)
+            averaged.update_parameters(cast(nn.Module, module.model))
+            if self.use_buffers and distributed.is_distributed():
+                self._broadcast_averaged_buffers(averaged)
         self.last_update_step = step
+
+    @staticmethod
+    def _broadcast_averaged_buffers(averaged: AveragedModel) -> None:
+        # Under DDP each rank's BatchNorm statistics come from its own shard. DDP makes the live
+        # model's buffers rank zero's at every forward; the average gets the same rule, else each
+        # rank evaluates with its own statistics and a resumed rank (which loads rank zero's
+        # checkpoint) would continue from another history than the one it had.
+        with torch.no_grad():
+            for buffer in averaged.module.buffers():
+                distributed.broadcast_(buffer.data)
 
     # -- evaluation: swap the average in, and the training weights back --------------------------
 

@@ -54,6 +54,17 @@ class LitplugCLI(LightningCLI):
         )
         parser.add_argument("--test_after_fit", type=bool, default=False, help="Run the test set after fit.")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration the user gave when ``--ckpt_path`` is set.
+
+        LightningCLI (2.3+) parses the checkpoint's saved hyperparameters *over* the config file and
+        the command line. For litplug that silently drops what a user changed for this run: a
+        ``RobustEvaluation`` added to test a trained model, a plugin hyperparameter or learning rate
+        changed on resume. The config is the single source of truth; the checkpoint carries weights
+        and plugin state, and the module refuses one that needs a plugin the config lacks. The run
+        directory's ``config.yaml`` is the config that trained a checkpoint.
+        """
+
     def _subcommand_config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 

@@ -95,3 +95,33 @@ def test_conflicting_plugins_fail_before_training(tmp_path: Path, capfd) -> None
     )
     assert main(["fit", "--config", _config(tmp_path, plugins, extra="  fast_dev_run: true\n")]) == 2
     assert "plugin 'a' conflicts with plugin 'b'" in capfd.readouterr().err
+
+
+def _fit_checkpoint(tmp_path: Path, plugins: str = "[]") -> Path:
+    """A 2-step CLI fit that saves its checkpoint under ``tmp_path/fit``; the checkpoint's path."""
+    run_dir = tmp_path / "fit"
+    trainer = f"trainer:\n  logger: false\n  enable_progress_bar: false\n  default_root_dir: {run_dir}\n"
+    config = tmp_path / "fit.yaml"
+    config.write_text(f"model:\n  model:\n{MLP}  plugins: {plugins}\n{trainer}  max_steps: 2\n")
+    assert main(["fit", "--config", str(config)]) == 0
+    (checkpoint,) = run_dir.glob("**/*.ckpt")
+    return checkpoint
+
+
+def test_test_from_a_checkpoint_uses_the_plugins_of_the_config_not_of_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = _fit_checkpoint(tmp_path)
+    robust = "[{class_path: RobustEvaluation, init_args: {epsilons: [0.1], attacks: [fgsm]}}]"
+    extra = "  inference_mode: false\n  limit_test_batches: 1\n"
+    code = main(["test", "--config", _config(tmp_path, robust, extra), "--ckpt_path", str(checkpoint)])
+    assert code == 0
+    # LightningCLI alone would have parsed the checkpoint's empty plugin list over the config.
+    assert "test/robust_acc_fgsm_eps0.1" in json.loads((tmp_path / "results.json").read_text())["metrics"]
+
+
+def test_a_checkpoint_whose_plugin_the_config_lacks_is_refused_by_name(tmp_path: Path, capfd) -> None:
+    checkpoint = _fit_checkpoint(tmp_path, "[{class_path: EMA}]")
+    extra = "  limit_test_batches: 1\n"
+    assert main(["test", "--config", _config(tmp_path, "[]", extra), "--ckpt_path", str(checkpoint)]) == 2
+    assert "checkpoint needs plugin(s) 'ema'" in capfd.readouterr().err

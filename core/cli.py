@@ -3,6 +3,7 @@
 - ``litplug fit|validate|test|predict --config configs/x.yaml``: LightningCLI subcommands; fit and
   test end by printing the final metrics and writing ``results.json`` in the run directory (and to
   ``--results_path`` when given). ``--test_after_fit true`` runs the test set after fitting.
+  ``predict`` writes class probabilities to ``predictions.pt`` in the run directory.
 - ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
   a config, the resolved plugin order.
 - ``--trace-hooks`` (or ``LITPLUG_TRACE_HOOKS=1``): log every hook call with the plugins it runs.
@@ -29,6 +30,7 @@ from litplug.core.module import LitplugModule
 
 TRACE_FLAG = "--trace-hooks"
 RESULTS_FILE = "results.json"
+PREDICTIONS_FILE = "predictions.pt"
 
 
 class LitplugCLI(LightningCLI):
@@ -79,6 +81,29 @@ class LitplugCLI(LightningCLI):
     def after_test(self) -> None:
         self._report("test", _scalars(self.trainer.callback_metrics))
 
+    def predict(self, **kwargs: Any) -> None:
+        """``litplug predict``: class probabilities for the data module's predict (by default test) data.
+
+        Written to ``predictions.pt`` in the run directory as ``{"probs": [N, ..., K], "predicted":
+        [N, ...]}`` (one such dict per dataloader when there are several). Under DDP every rank
+        predicts the whole, unsharded set and rank zero writes it; spawn strategies cannot return
+        predictions (Lightning's limit), so nothing is written there.
+        """
+        predictions = self.trainer.predict(**kwargs)
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP
+        if not self.trainer.is_global_zero:
+            return
+        if not predictions:
+            print("litplug predict: no predictions returned (a spawn strategy cannot return them)")
+            return
+        per_loader = predictions if isinstance(predictions[0], list) else [predictions]
+        saved = [_stack_predictions(batches) for batches in per_loader]
+        path = Path(run_dir or ".") / PREDICTIONS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(saved[0] if len(saved) == 1 else saved, path)
+        counts = ", ".join(str(len(p["predicted"])) for p in saved)
+        print(f"litplug predict: {counts} predictions written to {path}")
+
     def _report(self, stage: str, metrics: dict[str, float]) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: all ranks
         if self.trainer.is_global_zero:
@@ -104,6 +129,11 @@ class LitplugCLI(LightningCLI):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             print(f"results written to {path}")
+
+
+def _stack_predictions(batches: list[Any]) -> dict[str, torch.Tensor]:
+    probs = torch.cat([torch.as_tensor(b) for b in batches])
+    return {"probs": probs, "predicted": probs.argmax(-1)}
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

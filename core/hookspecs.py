@@ -190,9 +190,11 @@ def litplug_on_train_epoch_end(module: LightningModule) -> None:
 
 @hookspec
 def litplug_on_eval_start(module: LightningModule, stage: str) -> None:
-    """A validation or test epoch begins (``stage`` is ``"val"`` or ``"test"``).
+    """A validation, test or predict epoch begins (``stage`` is ``"val"``, ``"test"`` or ``"predict"``).
 
-    Swap in evaluation weights (EMA) here. Results: collected, in plugin order. Ranks: all.
+    Swap in evaluation weights (EMA) here: predictions are made with what test evaluates.
+    :func:`litplug_eval_step` does not fire in predict. Results: collected, in plugin order.
+    Ranks: all.
     """
 
 
@@ -218,10 +220,11 @@ def litplug_eval_step(
 
 @hookspec
 def litplug_on_eval_end(module: LightningModule, stage: str) -> dict[str, float] | None:
-    """A validation or test epoch has ended; return epoch-level metrics if any.
+    """A validation, test or predict epoch has ended; return epoch-level metrics if any.
 
     Undo what :func:`litplug_on_eval_start` did (restore training weights). Results: reversed
-    order, returned dicts are logged as ``<stage>/<name>``. Ranks: all.
+    order, returned dicts are logged as ``<stage>/<name>`` (not in predict, where Lightning allows
+    no logging). Ranks: all.
     """
 
 

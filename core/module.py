@@ -350,6 +350,13 @@ class LitplugModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_end("test")
 
+    def on_predict_epoch_start(self) -> None:
+        # The same evaluation weights and paths as test (EMA's average, an ensemble's eval path).
+        self.hooks.on_eval_start(module=self, stage="predict")
+
+    def on_predict_epoch_end(self) -> None:
+        self.hooks.on_eval_end(module=self, stage="predict")  # Lightning allows no logging in predict
+
     def _log_eval_end(self, stage: str) -> None:
         for name, value in self.hooks.on_eval_end(module=self, stage=stage).items():
             self.log(f"{stage}/{name}", value, sync_dist=True)

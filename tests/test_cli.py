@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from litplug.core.cli import main
 
@@ -125,3 +126,14 @@ def test_a_checkpoint_whose_plugin_the_config_lacks_is_refused_by_name(tmp_path:
     extra = "  limit_test_batches: 1\n"
     assert main(["test", "--config", _config(tmp_path, "[]", extra), "--ckpt_path", str(checkpoint)]) == 2
     assert "checkpoint needs plugin(s) 'ema'" in capfd.readouterr().err
+
+
+def test_predict_writes_the_class_probabilities_of_the_test_set(tmp_path: Path, capsys) -> None:
+    checkpoint = _fit_checkpoint(tmp_path, "[{class_path: EMA}]")
+    ema = "[{class_path: EMA}]"
+    assert main(["predict", "--config", _config(tmp_path, ema), "--ckpt_path", str(checkpoint)]) == 0
+    assert "270 predictions written to" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "predictions.pt", weights_only=True)
+    assert saved["probs"].shape == (270, 10)
+    torch.testing.assert_close(saved["probs"].sum(-1), torch.ones(270))
+    assert torch.equal(saved["predicted"], saved["probs"].argmax(-1))

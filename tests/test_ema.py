@@ -121,6 +121,19 @@ def test_evaluation_uses_the_average_and_restores_the_training_weights(tmp_path:
     assert metrics["val/ema_updates"] == 6
 
 
+def test_predictions_come_from_the_average_like_the_test_metrics(tmp_path: Path) -> None:
+    module = _fit(EMA(decay=0.9), tmp_path)
+    training = [p.detach().clone() for p in module.model.parameters()]
+    data = DigitsDataModule(batch_size=64)
+    test_nll = quiet_trainer().test(module, datamodule=data, verbose=False)[0]["test/nll"]
+    probs = torch.cat(quiet_trainer().predict(module, datamodule=data))  # type: ignore[arg-type]
+    _, y = data.test_dataloader().dataset.tensors
+    predicted_nll = torch.nn.functional.nll_loss(probs.log(), y).item()
+    assert predicted_nll == pytest.approx(test_nll, rel=1e-5)  # live weights give another NLL
+    for p, saved in zip(module.model.parameters(), training, strict=True):
+        assert torch.equal(p, saved)
+
+
 def test_the_average_survives_a_checkpoint_and_serves_a_test_run(tmp_path: Path) -> None:
     plugin = EMA(decay=0.9)
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)

@@ -1,4 +1,4 @@
-"""The exact sequence of litplug hooks in fit, validate and test (a recording plugin), and where the
+"""The exact sequence of litplug hooks in fit, validate, test and predict (a recording plugin), and where the
 after-step hook sits relative to Lightning's callbacks (checkpoints saved at a step see its changes)."""
 
 from __future__ import annotations
@@ -65,6 +65,17 @@ def test_validate_and_test_sequences() -> None:
     test_step = [s.replace(":val", ":test") for s in VAL_STEP]
     # surgery ran already on this module instance: configure_model is not called twice
     assert recorder.calls == ["check_setup", "on_eval_start:test", *test_step, "on_eval_end:test"]
+    recorder.calls.clear()
+    trainer = quiet_trainer(limit_predict_batches=2)
+    trainer.predict(module, val)
+    predict_step = ["transform_batch:predict", "log_probs:predict"]
+    assert recorder.calls == [
+        "check_setup",
+        "on_eval_start:predict",
+        *predict_step,
+        *predict_step,
+        "on_eval_end:predict",
+    ]
 
 
 def test_task_hooks_and_checkpoint_hooks(tmp_path) -> None:

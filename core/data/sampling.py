@@ -181,6 +181,10 @@ class LitplugDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader[Any]:
         return self.eval_loader(self._dataset("test"))
 
+    def predict_dataloader(self) -> Any:
+        """The test data (``litplug predict`` scores it); subclasses with other test loaders inherit it."""
+        return self.test_dataloader()
+
     @property
     def num_classes(self) -> int:
         """Number of output classes; 0 for regression."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -444,6 +445,22 @@ def test_auto_eval_input_falls_back_to_tiling_with_a_warning() -> None:
     assert inputs.shape == (4, 128) and plugin._eval_input == "tiled"
     inputs, _ = module.hooks.transform_batch(module=module, batch=(x, y), stage="val")  # decided once
     assert inputs.shape == (4, 128)
+
+
+@pytest.mark.parametrize("half", ["bf16-mixed", "bf16-true"])
+def test_auto_eval_input_sums_in_half_precision_without_a_warning(half: str) -> None:
+    """Rounding of half precision is not a model that needs tiling (it warned under bf16 before)."""
+    torch.manual_seed(0)
+    plugin = MIMO(num_members=3, eval_input="auto")
+    module = _module(SmallCNN(width=8), plugin).eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
+    if half == "bf16-true":
+        module, x = module.bfloat16(), x.bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half == "bf16-mixed"):
+            assert module.hooks.transform_batch(module=module, batch=(x, y), stage="val")[0] is x
+    assert plugin._eval_input == "summed"
 
 
 def test_auto_eval_input_does_not_decide_in_training_mode() -> None:

@@ -19,7 +19,9 @@ from . import functional as mimo
 TRAIN = "train"
 EVAL_INPUTS = ("auto", "summed", "tiled")
 #: "auto" keeps the summed input when both ways agree to this tolerance (float rounding only).
-AUTO_RTOL, AUTO_ATOL = 1e-4, 1e-5
+# (rtol, atol) of eval_input="auto"'s check by output dtype: half-precision weights (precision
+# "bf16-true") round the summed and the tiled input layer apart by about their epsilon.
+AUTO_TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
 
 
 class MIMO(Plugin):
@@ -170,14 +172,16 @@ class MIMO(Plugin):
 
     def _check_summed_input(self, model: nn.Module, inputs: Tensor) -> str:
         """``"summed"`` when the model gives the same outputs for the plain and the tiled input."""
-        with torch.no_grad():
+        # Outside autocast: mixed precision would round the two ways differently and hide nothing.
+        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
             tiled = model(mimo.repeat_inputs(inputs, self.num_members))
             try:
                 plain = model(inputs)
             except (RuntimeError, ValueError) as err:
                 problem = f"fails on the plain input ({type(err).__name__}: {err})"
             else:
-                if plain.shape == tiled.shape and torch.allclose(plain, tiled, AUTO_RTOL, AUTO_ATOL):
+                rtol, atol = AUTO_TOLERANCES.get(plain.dtype, AUTO_TOLERANCES[torch.float32])
+                if plain.shape == tiled.shape and torch.allclose(plain, tiled, rtol, atol):
                     return "summed"
                 problem = "gives other outputs for the plain input than for the tiled one"
         warnings.warn(

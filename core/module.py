@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from litplug.core import distributed
@@ -56,7 +57,8 @@ class LitplugModule(L.LightningModule):
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
         num_classes: classes for accuracy/NLL/ECE/Brier; ``None`` takes the datamodule's
-            ``num_classes``; 0 turns classification metrics off (regression).
+            ``num_classes`` or, when it has none (a user's data module), the last dimension of
+            the first prediction with integer targets; 0 turns classification metrics off.
         log_train_metrics: also compute accuracy/NLL on training batches (costs a little time).
     """
 
@@ -145,10 +147,14 @@ class LitplugModule(L.LightningModule):
         if num_classes is None:
             datamodule = getattr(trainer, "datamodule", None)
             num_classes = getattr(datamodule, "num_classes", None) if datamodule is not None else None
+        if num_classes is not None:
+            self._add_metrics(num_classes, self.device)
+
+    def _add_metrics(self, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
         if num_classes:
             for stage in ("train", *EVAL_STAGES):
-                self.metrics[f"{stage}_metrics"] = ClassificationMetrics(num_classes)
+                self.metrics[f"{stage}_metrics"] = ClassificationMetrics(num_classes).to(device)
 
     def configure_model(self) -> None:
         self.apply_surgery()
@@ -258,7 +264,7 @@ class LitplugModule(L.LightningModule):
             self.log("train/loss_main", loss, batch_size=batch_size)
             for name, term in extras.items():
                 self.log(f"train/loss_{name}", term, batch_size=batch_size)
-        if self.log_train_metrics and "train_metrics" in self.metrics and not targets.is_floating_point():
+        if self.log_train_metrics and self._classifies("train", targets):
             self._update_metrics("train", self.log_probs(outputs, "train"), targets)
         self._train_batch = batch
         return total
@@ -305,7 +311,7 @@ class LitplugModule(L.LightningModule):
         batch_size = _batch_size(targets)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch_size, sync_dist=True)
         log_probs = None
-        if f"{stage}_metrics" in self.metrics and not targets.is_floating_point():
+        if self._classifies(stage, targets):
             log_probs = self.log_probs(outputs, stage)
             self._update_metrics(stage, log_probs, targets)
         extra = self.hooks.eval_step(
@@ -321,7 +327,19 @@ class LitplugModule(L.LightningModule):
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
         return loss
 
+    def _classifies(self, stage: str, targets: Tensor) -> bool:
+        """Whether this stage computes classification metrics (unknown class count: integer targets)."""
+        if targets.is_floating_point():
+            return False
+        return f"{stage}_metrics" in self.metrics or self.num_classes is None
+
     def _update_metrics(self, stage: str, log_probs: Tensor, targets: Tensor) -> None:
+        if self.num_classes is None:  # neither the config nor the data module said: the prediction's width
+            self._add_metrics(log_probs.shape[-1], log_probs.device)
+            rank_zero_info(
+                f"LitplugModule: classification metrics for {self.num_classes} classes, the last "
+                "dimension of the prediction (set model.num_classes, or 0 for none)"
+            )
         metrics: ClassificationMetrics = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
         metrics.update(log_probs, targets)
         for name, metric in metrics.metrics().items():

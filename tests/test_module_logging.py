@@ -1,19 +1,23 @@
-"""Named loss terms are logged on Lightning's logging steps only (each ``self.log`` costs ~0.1 ms)."""
+"""Named loss terms are logged on Lightning's logging steps only (each ``self.log`` costs ~0.1 ms);
+the class count of the metrics when neither the config nor the data says it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from helpers import quiet_trainer
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.core.data import DigitsDataModule
 from litplug.core.hookspecs import hookimpl
 from litplug.core.models import MLP
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
+from litplug.plugins.mimo import MIMO
 
 
 class _ConstantTerm(Plugin):
@@ -44,3 +48,24 @@ def test_named_terms_are_logged_on_logging_steps_only() -> None:
     assert [step for name, step in logged if name == "train/loss"] == list(range(9))
     assert [step for name, step in logged if name == "train/loss_const"] == [3, 7]
     assert [step for name, step in logged if name == "train/loss_main"] == [3, 7]
+
+
+@pytest.mark.parametrize(("members", "targets"), [(1, "classes"), (3, "classes"), (1, "floats")])
+def test_class_count_comes_from_the_prediction_when_nothing_gives_it(members: int, targets: str) -> None:
+    """Plain loaders (no data module, no ``num_classes``): metrics for the prediction's width, which
+    for MIMO is the averaged prediction's K, not the widened head's M * K; none for regression."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = torch.randint(0, 3, (64,)) if targets == "classes" else torch.randn(64, 3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    plugins = [MIMO(num_members=members)] if members > 1 else []
+    module = LitplugModule(MLP(8, [16], num_classes=3), plugins=plugins)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    trainer.fit(module, loader, loader)
+    if targets == "floats":
+        assert module.num_classes is None and "val/acc" not in trainer.callback_metrics
+        return
+    assert module.num_classes == 3
+    assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    tested = trainer.test(module, loader, verbose=False)[0]
+    assert {"test/acc", "test/nll", "test/ece", "test/brier"} <= tested.keys()

@@ -138,9 +138,17 @@ class EMA(Plugin):
         # model's buffers rank zero's at every forward; the average gets the same rule, else each
         # rank evaluates with its own statistics and a resumed rank (which loads rank zero's
         # checkpoint) would continue from another history than the one it had.
+        # One collective per dtype, not one per buffer: this runs after every update. Integer
+        # buffers (num_batches_tracked) count steps, equal on every rank.
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for buffer in averaged.module.buffers():
+            if buffer.is_floating_point():
+                by_dtype.setdefault(buffer.dtype, []).append(buffer)
         with torch.no_grad():
-            for buffer in averaged.module.buffers():
-                distributed.broadcast_(buffer.data)
+            for buffers in by_dtype.values():
+                flat = distributed.broadcast_(torch.cat([b.reshape(-1) for b in buffers]))
+                for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                    buffer.copy_(value.view_as(buffer))
 
     # -- evaluation: swap the average in, and the training weights back --------------------------
 

@@ -18,9 +18,8 @@ from . import functional as mimo
 
 TRAIN = "train"
 EVAL_INPUTS = ("auto", "summed", "tiled")
-#: "auto" keeps the summed input when both ways agree to this tolerance (float rounding only).
-# (rtol, atol) of eval_input="auto"'s check by output dtype: half-precision weights (precision
-# "bf16-true") round the summed and the tiled input layer apart by about their epsilon.
+#: ``(rtol, atol)`` by output dtype within which "auto" keeps the summed input (rounding only):
+#: half-precision weights (precision "bf16-true") round the two ways apart by about their epsilon.
 AUTO_TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
 
 

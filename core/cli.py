@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                 config = args[args.index("--config") + 1]
             return list_plugins(config)
         available_plugins()  # import every plugin so YAML can name them by class name
-        LitplugCLI(args=args)
+        if argv is None:  # LightningCLI reads sys.argv itself (it warns when given args as well)
+            sys.argv[1:] = args  # without --trace-hooks; DDP's launcher reruns this command line
+            LitplugCLI()
+        else:
+            LitplugCLI(args=args)
     except Exception as err:
         cause = _litplug_cause(err)
         if cause is None:

@@ -60,6 +60,7 @@ def test_wandb_offline_run_has_the_plugin_order_and_no_secret(tmp_path: Path) ->
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert b"args parameter is intended" not in completed.stderr  # LightningCLI reads argv itself
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.suffix == ".wandb" for p in written)
     leaking = [str(p) for p in written if secret.encode() in p.read_bytes()]

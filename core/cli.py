@@ -2,7 +2,8 @@
 
 - ``litplug fit|validate|test|predict --config configs/x.yaml``: LightningCLI subcommands; fit and
   test end by printing the final metrics and writing ``results.json`` in the run directory (and to
-  ``--results_path`` when given). ``--test_after_fit true`` runs the test set after fitting.
+  ``--results_path`` when given). ``--test_after_fit true`` runs the test set after fitting: on the
+  best checkpoint when a ``ModelCheckpoint`` monitors a metric, on the final weights otherwise.
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory.
 - ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
   a config, the resolved plugin order.
@@ -21,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from litplug.core.discovery import available_plugins, builtin_callbacks
@@ -54,7 +56,13 @@ class LitplugCLI(LightningCLI):
         parser.add_argument(
             "--results_path", type=str | None, default=None, help="Also write results JSON here."
         )
-        parser.add_argument("--test_after_fit", type=bool, default=False, help="Run the test set after fit.")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="Run the test set after fit: on the best checkpoint when a ModelCheckpoint monitors "
+            "a metric, on the final weights otherwise.",
+        )
 
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration the user gave when ``--ckpt_path`` is set.
@@ -72,11 +80,17 @@ class LitplugCLI(LightningCLI):
 
     def after_fit(self) -> None:
         metrics = _scalars(self.trainer.callback_metrics)
+        tested_checkpoint = None
         if self._subcommand_config().get("test_after_fit"):
-            tested = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            tested_checkpoint = _best_checkpoint(self.trainer)
+            if tested_checkpoint and self.trainer.is_global_zero:
+                print(f"litplug fit: testing the best checkpoint {tested_checkpoint}")
+            tested = self.trainer.test(
+                self.model, datamodule=self.datamodule, ckpt_path=tested_checkpoint, verbose=False
+            )
             for result in tested:
                 metrics.update(_scalars(result))
-        self._report("fit", metrics)
+        self._report("fit", metrics, tested_checkpoint)
 
     def after_test(self) -> None:
         self._report("test", _scalars(self.trainer.callback_metrics))
@@ -104,12 +118,14 @@ class LitplugCLI(LightningCLI):
         counts = ", ".join(str(len(p["predicted"])) for p in saved)
         print(f"litplug predict: {counts} predictions written to {path}")
 
-    def _report(self, stage: str, metrics: dict[str, float]) -> None:
+    def _report(self, stage: str, metrics: dict[str, float], tested_checkpoint: str | None = None) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: all ranks
         if self.trainer.is_global_zero:
-            self._write_results(stage, metrics, run_dir)
+            self._write_results(stage, metrics, run_dir, tested_checkpoint)
 
-    def _write_results(self, stage: str, metrics: dict[str, float], run_dir: str | None) -> None:
+    def _write_results(
+        self, stage: str, metrics: dict[str, float], run_dir: str | None, tested_checkpoint: str | None
+    ) -> None:
         print_metrics_table(f"litplug {stage}: final metrics", metrics)
         model: LitplugModule = self.model
         results = {
@@ -119,6 +135,8 @@ class LitplugCLI(LightningCLI):
             "global_step": self.trainer.global_step,
             "epochs": self.trainer.current_epoch,
         }
+        if tested_checkpoint:
+            results["tested_checkpoint"] = tested_checkpoint
         paths = []
         if run_dir:
             paths.append(Path(run_dir) / RESULTS_FILE)
@@ -129,6 +147,18 @@ class LitplugCLI(LightningCLI):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             print(f"results written to {path}")
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint of the first ``ModelCheckpoint`` that monitors a metric, if it saved one.
+
+    Without a monitor, "best" is only the latest save, which may predate the final weights (when
+    validation, and so saving, does not run in the last epoch): test those weights instead.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:
+            return callback.best_model_path
+    return None
 
 
 def _stack_predictions(batches: list[Any]) -> dict[str, torch.Tensor]:

@@ -137,3 +137,26 @@ def test_predict_writes_the_class_probabilities_of_the_test_set(tmp_path: Path, 
     assert saved["probs"].shape == (270, 10)
     torch.testing.assert_close(saved["probs"].sum(-1), torch.ones(270))
     assert torch.equal(saved["predicted"], saved["probs"].argmax(-1))
+
+
+def test_test_after_fit_tests_the_best_checkpoint_of_a_monitoring_model_checkpoint(tmp_path: Path) -> None:
+    # mode "max" on val/loss makes the first epoch the best while the loss falls: best != final.
+    run_dir = tmp_path / "fit"
+    checkpoint = (  # an unmonitored checkpoint first: the monitored one is still found
+        f"  callbacks:\n    - class_path: ModelCheckpoint\n      init_args: {{dirpath: {tmp_path / 'latest'}}}\n"
+        "    - class_path: ModelCheckpoint\n      init_args:\n"
+        f"        dirpath: {run_dir}\n        monitor: val/loss\n        mode: max\n        save_top_k: -1\n"
+    )
+    trainer = f"trainer:\n  logger: false\n  enable_progress_bar: false\n  max_epochs: 3\n{checkpoint}"
+    config = tmp_path / "fit.yaml"
+    config.write_text(f"model:\n  model:\n{MLP}  plugins: [{{class_path: EMA}}]\n{trainer}")
+    assert main(["fit", "--config", str(config), "--test_after_fit", "true"]) == 0
+    fitted = json.loads((tmp_path / "results.json").read_text())
+    assert Path(fitted["tested_checkpoint"]).name == "epoch=0-step=20.ckpt"
+
+    def test_loss(ckpt: Path) -> float:
+        assert main(["test", "--config", str(config), "--ckpt_path", str(ckpt)]) == 0
+        return json.loads((tmp_path / "results.json").read_text())["metrics"]["test/loss"]
+
+    assert fitted["metrics"]["test/loss"] == test_loss(run_dir / "epoch=0-step=20.ckpt")
+    assert fitted["metrics"]["test/loss"] != test_loss(run_dir / "epoch=2-step=60.ckpt")

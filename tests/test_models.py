@@ -14,6 +14,7 @@ from litplug.core.models import (
     SmallCNN,
     TransformerLanguageModel,
 )
+from litplug.core.models import lstm as lstm_module
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (4, 1, 8, 8), (4, 8, 8), (4, 64, 1)])
@@ -61,6 +62,34 @@ def _transformer(norm_position: str, seed: int = 0, **kwargs: int) -> Transforme
     torch.manual_seed(seed)
     args = {"d_model": 16, "num_heads": 2, "num_layers": 3, "dim_feedforward": 32, "max_len": 40, **kwargs}
     return TransformerLanguageModel(vocab_size=20, dropout=0.0, norm_position=norm_position, **args).eval()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("build", ["classifier", "language_model"])
+def test_lstm_models_train_under_cpu_autocast(dtype: torch.dtype, build: str) -> None:
+    """Many CPUs (no AVX-512 BF16/FP16) have no low-precision oneDNN LSTM: torch raises there."""
+    if build == "classifier":
+        model: nn.Module = LSTMClassifier(input_size=8, hidden_size=16)
+        inputs = torch.randn(4, 8, 8)
+    else:
+        model = LSTMLanguageModel(vocab_size=30, embed_dim=8, hidden_size=16)
+        inputs = torch.randint(0, 30, (4, 8))
+    with torch.autocast("cpu", dtype=dtype):
+        model(inputs).float().sum().backward()
+    assert model.lstm.weight_ih_l0.grad is not None
+
+
+def test_lstm_falls_back_to_float32_where_the_cpu_lacks_a_low_precision_lstm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(lstm_module, "_cpu_has_low_precision_lstm", lambda dtype: False)
+    model = LSTMClassifier(input_size=8, hidden_size=16)
+    inputs = torch.randn(4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = lstm_module.run_lstm(model.lstm, inputs)
+        logits = model(inputs)
+    assert features.dtype is torch.float32 and logits.dtype is torch.bfloat16  # the head still autocasts
+    torch.testing.assert_close(features, model.lstm(inputs)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor, nn
 
-__all__ = ["LSTMClassifier", "LSTMLanguageModel"]
+__all__ = ["LSTMClassifier", "LSTMLanguageModel", "run_lstm"]
+
+
+@functools.cache
+def _cpu_has_low_precision_lstm(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU LSTM (oneDNN) runs in ``dtype``; CPUs without AVX-512 BF16/FP16 lack it."""
+    probe = nn.LSTM(1, 1)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            probe(torch.zeros(1, 1, 1))
+    except RuntimeError:
+        return False
+    return True
+
+
+def run_lstm(lstm: nn.Module, inputs: Tensor) -> Tensor:
+    """``lstm(inputs)``'s output sequence; an ``nn.LSTM`` under CPU autocast runs in float32 where
+    the CPU has no low-precision LSTM (torch would raise "could not create a primitive descriptor").
+    """
+    if isinstance(lstm, nn.LSTM) and inputs.is_cpu and torch.is_autocast_enabled("cpu"):
+        if not _cpu_has_low_precision_lstm(torch.get_autocast_dtype("cpu")):
+            with torch.autocast("cpu", enabled=False):
+                return lstm(inputs.float())[0]
+    return lstm(inputs)[0]
 
 
 class LSTMClassifier(nn.Module):
@@ -32,8 +58,7 @@ class LSTMClassifier(nn.Module):
         """Logits ``[B, num_classes]``."""
         if x.dim() != 3:
             raise ValueError(f"LSTMClassifier expects [B, T, features], got shape {tuple(x.shape)}")
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
+        return self.head(run_lstm(self.lstm, x)[:, -1])
 
 
 class LSTMLanguageModel(nn.Module):
@@ -56,5 +81,4 @@ class LSTMLanguageModel(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``[B, T, vocab_size]`` from int64 tokens ``[B, T]``."""
-        out, _ = self.lstm(self.embedding(tokens))
-        return self.decoder(out)
+        return self.decoder(run_lstm(self.lstm, self.embedding(tokens)))

@@ -663,6 +663,22 @@ def _mean_std(values: list[float]) -> str:
 # -- report ---------------------------------------------------------------------------------------
 
 
+def _cpu_description() -> str:
+    """The CPU's model name and widest vector extension: the kernel's speed and torch's depend on both."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), ""
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    )
+    vector = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "no AVX")
+    return f"{model or 'unknown CPU'} ({vector.upper()})"
+
+
 def _load(avg: tuple[float, float, float]) -> str:
     return " / ".join(f"{v:.1f}" for v in avg)
 
@@ -997,6 +1013,7 @@ def main() -> None:
         f"- torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; torch threads: {', '.join(str(t) for t in args.threads)} (speed), "
         f"{args.threads[0]} (effect)",
+        f"- CPU: {_cpu_description()}",
         f"- Ghost kernel: {_kernel_status()}",
         f"- Machine load average (1 / 5 / 15 min) before: {_load(load_before)}; after the speed part: "
         f"{_load(load_speed)}; at the end: {_load(load_after)}; {os.cpu_count()} CPUs (the round-robin "

@@ -1,9 +1,10 @@
 """The ``litplug`` command: LightningCLI with plugin discovery, a plugin listing and results files.
 
-- ``litplug fit|validate|test|predict --config configs/x.yaml``: LightningCLI subcommands; fit and
-  test end by printing the final metrics and writing ``results.json`` in the run directory (and to
-  ``--results_path`` when given). ``--test_after_fit true`` runs the test set after fitting: on the
-  best checkpoint when a ``ModelCheckpoint`` monitors a metric, on the final weights otherwise.
+- ``litplug fit|validate|test|predict --config configs/x.yaml``: LightningCLI subcommands; fit,
+  validate and test end by printing the final metrics and writing ``results.json`` in the run
+  directory (and to ``--results_path`` when given). ``--test_after_fit true`` runs the test set
+  after fitting: on the best checkpoint when a ``ModelCheckpoint`` monitors a metric, on the final
+  weights otherwise.
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory.
 - ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
   a config, the resolved plugin order.
@@ -91,6 +92,9 @@ class LitplugCLI(LightningCLI):
             for result in tested:
                 metrics.update(_scalars(result))
         self._report("fit", metrics, tested_checkpoint)
+
+    def after_validate(self) -> None:
+        self._report("validate", _scalars(self.trainer.callback_metrics))
 
     def after_test(self) -> None:
         self._report("test", _scalars(self.trainer.callback_metrics))

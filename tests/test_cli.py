@@ -160,3 +160,12 @@ def test_test_after_fit_tests_the_best_checkpoint_of_a_monitoring_model_checkpoi
 
     assert fitted["metrics"]["test/loss"] == test_loss(run_dir / "epoch=0-step=20.ckpt")
     assert fitted["metrics"]["test/loss"] != test_loss(run_dir / "epoch=2-step=60.ckpt")
+
+
+def test_validate_prints_and_writes_its_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = _fit_checkpoint(tmp_path)
+    config = _config(tmp_path, extra="  limit_val_batches: 2\n")
+    assert main(["validate", "--config", config, "--ckpt_path", str(checkpoint)]) == 0
+    assert "litplug validate: final metrics" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["stage"] == "validate" and 0.0 <= saved["metrics"]["val/acc"] <= 1.0

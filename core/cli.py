@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -220,11 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                 config = args[args.index("--config") + 1]
             return list_plugins(config)
         available_plugins()  # import every plugin so YAML can name them by class name
-        if argv is None:  # LightningCLI reads sys.argv itself (it warns when given args as well)
-            sys.argv[1:] = args  # without --trace-hooks; DDP's launcher reruns this command line
-            LitplugCLI()
-        else:
-            LitplugCLI(args=args)
+        try:
+            if argv is None:  # LightningCLI reads sys.argv itself (it warns when given args as well)
+                sys.argv[1:] = args  # without --trace-hooks; DDP's launcher reruns this command line
+                LitplugCLI()
+            else:
+                LitplugCLI(args=args)
+        except SystemExit as exit_info:  # jsonargparse has printed its parse error
+            if exit_info.code == 2:
+                for hint in _plugin_name_hints(args):
+                    print(f"litplug: hint: {hint}", file=sys.stderr)
+            raise
     except Exception as err:
         cause = _litplug_cause(err)
         if cause is None:
@@ -232,6 +239,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litplug: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _plugin_name_hints(args: list[str]) -> list[str]:
+    """Hints for plugins named by their registry name (``ghost_bn``) where YAML needs a class.
+
+    ``litplug plugins`` lists both; jsonargparse only resolves classes, and its error does not say
+    which class was meant. Looks at the command line and at the text of the ``--config`` files.
+    """
+    texts = list(args)
+    configs = [value for flag, value in zip(args, args[1:], strict=False) if flag in ("--config", "-c")]
+    configs += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    texts += [Path(config).read_text() for config in configs if Path(config).is_file()]
+    used = set()
+    for text in texts:
+        used.update(re.findall(r"(?:class_path:|plugins\+?=)\s*['\"]?([\w.]+)", text))
+    registry = available_plugins()
+    return [
+        f"'{name}' is a plugin name; YAML and the command line name its class: "
+        f"{registry[name].cls.__name__} (or {registry[name].cls.__module__}.{registry[name].cls.__name__})"
+        for name in sorted(used)
+        if name in registry and name != registry[name].cls.__name__
+    ]
 
 
 def _litplug_cause(err: BaseException | None) -> LitplugError | None:

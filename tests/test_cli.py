@@ -169,3 +169,15 @@ def test_validate_prints_and_writes_its_metrics(tmp_path: Path, capsys: pytest.C
     assert "litplug validate: final metrics" in capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["stage"] == "validate" and 0.0 <= saved["metrics"]["val/acc"] <= 1.0
+
+
+def test_a_plugin_named_by_its_registry_name_gets_a_hint_with_its_class(tmp_path: Path, capfd) -> None:
+    in_yaml = _config(tmp_path, "[{class_path: ema}]", extra="  fast_dev_run: true\n")
+    assert _exit_code(["fit", "--config", in_yaml]) == 2
+    assert (
+        "hint: 'ema' is a plugin name; YAML and the command line name its class: EMA"
+        in capfd.readouterr().err
+    )
+    on_command_line = _config(tmp_path, extra="  fast_dev_run: true\n")
+    assert _exit_code(["fit", f"--config={on_command_line}", "--model.plugins+=ghost_bn"]) == 2
+    assert "its class: GhostBatchNormPlugin" in capfd.readouterr().err

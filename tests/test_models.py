@@ -79,6 +79,15 @@ def test_lstm_models_train_under_cpu_autocast(dtype: torch.dtype, build: str) ->
     assert model.lstm.weight_ih_l0.grad is not None
 
 
+def test_the_low_precision_lstm_probe_leaves_the_random_stream_alone() -> None:
+    lstm_module._cpu_has_low_precision_lstm.cache_clear()
+    model = LSTMClassifier(input_size=8, hidden_size=16)
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.zeros(2, 8, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_lstm_falls_back_to_float32_where_the_cpu_lacks_a_low_precision_lstm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -13,10 +13,9 @@ __all__ = ["LSTMClassifier", "LSTMLanguageModel", "run_lstm"]
 @functools.cache
 def _cpu_has_low_precision_lstm(dtype: torch.dtype) -> bool:
     """Whether torch's CPU LSTM (oneDNN) runs in ``dtype``; CPUs without AVX-512 BF16/FP16 lack it."""
-    probe = nn.LSTM(1, 1)
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-            probe(torch.zeros(1, 1, 1))
+    try:  # fork_rng: building the probe must not draw from the run's random stream (exact resume)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
     except RuntimeError:
         return False
     return True

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,9 @@ def list_plugins(config: str | None) -> int:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     print("\ncallbacks: " + ", ".join(f"{c.__module__}.{c.__name__}" for c in builtin_callbacks()))
     if config:
-        cli = LitplugCLI(run=False, args=["--config", config, "--trainer.logger=false"])
+        with warnings.catch_warnings():  # sys.argv is `litplug plugins ...`, not these args: intended
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")
+            cli = LitplugCLI(run=False, args=["--config", config, "--trainer.logger=false"])
         print(
             "\nresolved plugin order for "
             + config
@@ -216,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[TRACE_ENV] = "1"
     try:
         if args and args[0] == "plugins":
-            config = None
-            if "--config" in args:
-                config = args[args.index("--config") + 1]
-            return list_plugins(config)
+            return list_plugins(next(iter(_config_paths(args)), None))
         available_plugins()  # import every plugin so YAML can name them by class name
         try:
             if argv is None:  # LightningCLI reads sys.argv itself (it warns when given args as well)
@@ -241,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _config_paths(args: list[str]) -> list[str]:
+    """The values of ``--config``/``-c`` (``--config X`` or ``--config=X``), in order."""
+    paths = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
 def _plugin_name_hints(args: list[str]) -> list[str]:
     """Hints for plugins named by their registry name (``ghost_bn``) where YAML needs a class.
 
@@ -248,9 +259,7 @@ def _plugin_name_hints(args: list[str]) -> list[str]:
     which class was meant. Looks at the command line and at the text of the ``--config`` files.
     """
     texts = list(args)
-    configs = [value for flag, value in zip(args, args[1:], strict=False) if flag in ("--config", "-c")]
-    configs += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
-    texts += [Path(config).read_text() for config in configs if Path(config).is_file()]
+    texts += [Path(config).read_text() for config in _config_paths(args) if Path(config).is_file()]
     used = set()
     for text in texts:
         used.update(re.findall(r"(?:class_path:|plugins\+?=)\s*['\"]?([\w.]+)", text))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,18 @@ def test_plugins_command_lists_plugins_and_resolved_order(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert "name" in out and "summary" in out and "litplug.callbacks.warmup" in out
     assert "resolved plugin order" in out and ": counter" in out
+
+
+def test_plugins_command_from_the_command_line_takes_config_equals_and_does_not_warn(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, "\n    - class_path: helpers.CountingPlugin\n")
+    monkeypatch.setattr(sys, "argv", ["litplug", "plugins", f"--config={config}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main() == 0
+    assert ": counter" in capsys.readouterr().out
+    assert not [w for w in caught if "args parameter" in str(w.message)]
 
 
 def test_trace_hooks_flag_logs_hook_calls_with_plugins(tmp_path: Path, capfd, monkeypatch) -> None:

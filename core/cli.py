@@ -25,15 +25,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import LitplugError
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import LitplugModule
 
 TRACE_FLAG = "--trace-hooks"
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, the shell's code for a process ended by SIGTERM
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.pt"
 
@@ -66,6 +70,22 @@ class LitplugCLI(LightningCLI):
             help="Run the test set after fit: on the best checkpoint when a ModelCheckpoint monitors "
             "a metric, on the final weights otherwise.",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The configured trainer; for ``fit`` with checkpointing on, plus a :class:`PreemptionCheckpoint`.
+
+        So a run stopped by SIGTERM (``kill``, a preemption) saves its state at the batch where
+        Lightning stops, in ``default_root_dir``, unless the config has its own ``OnExceptionCheckpoint``.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            add_preemption_checkpoint(trainer)
+        return trainer
+
+    def fit(self, **kwargs: Any) -> None:
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = resume_checkpoint(self.trainer)
+        self.trainer.fit(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration the user gave when ``--ckpt_path`` is set.
@@ -155,6 +175,31 @@ class LitplugCLI(LightningCLI):
             print(f"results written to {path}")
 
 
+def add_preemption_checkpoint(trainer: L.Trainer) -> None:
+    """Add a :class:`PreemptionCheckpoint` in ``default_root_dir`` unless checkpointing is off or the
+    trainer already saves on exceptions (a ``PreemptionCheckpoint`` or an ``OnExceptionCheckpoint``)."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    savers = (PreemptionCheckpoint, OnExceptionCheckpoint)
+    if trainer.checkpoint_callback is None or any(isinstance(c, savers) for c in callbacks):
+        return
+    callbacks.append(PreemptionCheckpoint(dirpath=trainer.default_root_dir))
+
+
+def resume_checkpoint(trainer: L.Trainer) -> str:
+    """What ``--ckpt_path last`` resumes from: the newest of the preemption checkpoints and the
+    ``ModelCheckpoint`` ``last.ckpt`` files; ``"last"`` (Lightning's own choice, a fresh start when
+    there is none) when no preemption checkpoint exists."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    preempted = [c.checkpoint_path(trainer) for c in callbacks if isinstance(c, PreemptionCheckpoint)]
+    candidates = {path for path in preempted if get_filesystem(path).exists(path)}
+    if not candidates:
+        return "last"
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            candidates |= callback._find_last_checkpoints(trainer)  # what Lightning's "last" looks at
+    return max(candidates, key=lambda path: get_filesystem(path).modified(path))
+
+
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
     """The best checkpoint of the first ``ModelCheckpoint`` that monitors a metric, if it saved one.
 
@@ -227,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                 LitplugCLI()
             else:
                 LitplugCLI(args=args)
+        except SIGTERMException:  # Lightning stopped at a batch end; a SystemExit with code None (0)
+            print(f"litplug: stopped by SIGTERM (exit code {SIGTERM_EXIT_CODE})", file=sys.stderr)
+            return SIGTERM_EXIT_CODE
         except SystemExit as exit_info:  # jsonargparse has printed its parse error
             if exit_info.code == 2:
                 for hint in _plugin_name_hints(args):

@@ -38,7 +38,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 #: Hooks whose implementations are chained (each gets the previous result).
 CHAINED_HOOKS = frozenset({"litplug_configure_model", "litplug_transform_batch"})
 #: Hooks that run in reverse plugin order.
-REVERSED_HOOKS = frozenset({"litplug_on_eval_end", "litplug_on_fit_end"})
+REVERSED_HOOKS = frozenset({"litplug_on_eval_end", "litplug_on_eval_interrupted", "litplug_on_fit_end"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,6 +225,19 @@ def litplug_on_eval_end(module: LightningModule, stage: str) -> dict[str, float]
     Undo what :func:`litplug_on_eval_start` did (restore training weights). Results: reversed
     order, returned dicts are logged as ``<stage>/<name>`` (not in predict, where Lightning allows
     no logging). Ranks: all.
+    """
+
+
+@hookspec
+def litplug_on_eval_interrupted(module: LightningModule, stage: str) -> None:
+    """A validation, test or predict epoch was stopped by an exception before its end.
+
+    Fires from the core's callback ``on_exception`` (SIGTERM, Ctrl-C, an error in a step), before
+    any checkpoint callback's: undo what :func:`litplug_on_eval_start` did, so that a checkpoint
+    saved now (``OnExceptionCheckpoint``, litplug's SIGTERM checkpoint) and a later ``fit`` in the
+    same process see the training weights, not the evaluation ones. No metrics, no plots: the
+    epoch is incomplete. Results: reversed order, return values ignored. Ranks: those that raised,
+    which may be one rank only, so implementations must not use collectives.
     """
 
 

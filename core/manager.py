@@ -218,6 +218,9 @@ class PluginHooks:
             merged.update(result)
         return merged
 
+    def on_eval_interrupted(self, module: LightningModule, stage: str) -> None:
+        self._reversed("litplug_on_eval_interrupted", {"module": module, "stage": stage})
+
     # -- continual learning -----------------------------------------------------------------------
 
     def on_task_start(self, module: LightningModule, task_id: int) -> None:

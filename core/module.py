@@ -94,6 +94,7 @@ class LitplugModule(L.LightningModule):
         self._fit_start_pending = True
         self._pending_rng_state: dict[str, Any] | None = None
         self._train_batch: Any = None
+        self._eval_stage: str | None = None  # the evaluation epoch in progress, between start and end
         self.metrics = nn.ModuleDict()
 
     # -- plugins ----------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ class LitplugModule(L.LightningModule):
                 )
         self.hooks.check_setup(module=self, trainer=trainer)
         self._build_metrics(trainer)
-        _install_first(trainer, PluginBatchEndCallback())
+        _install_first(trainer, InterruptedEvalCallback())
+        _install_first(trainer, PluginBatchEndCallback())  # first of all (see its docstring)
 
     def _build_metrics(self, trainer: L.Trainer) -> None:
         if len(self.metrics) > 0:
@@ -357,10 +359,10 @@ class LitplugModule(L.LightningModule):
         return self.log_probs(self(inputs), "predict").exp()
 
     def on_validation_epoch_start(self) -> None:
-        self.hooks.on_eval_start(module=self, stage="val")
+        self._start_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self.hooks.on_eval_start(module=self, stage="test")
+        self._start_eval("test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_end("val")
@@ -370,14 +372,30 @@ class LitplugModule(L.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         # The same evaluation weights and paths as test (EMA's average, an ensemble's eval path).
-        self.hooks.on_eval_start(module=self, stage="predict")
+        self._start_eval("predict")
 
     def on_predict_epoch_end(self) -> None:
+        self._eval_stage = None
         self.hooks.on_eval_end(module=self, stage="predict")  # Lightning allows no logging in predict
 
+    def _start_eval(self, stage: str) -> None:
+        self._eval_stage = stage
+        self.hooks.on_eval_start(module=self, stage=stage)
+
     def _log_eval_end(self, stage: str) -> None:
+        self._eval_stage = None
         for name, value in self.hooks.on_eval_end(module=self, stage=stage).items():
             self.log(f"{stage}/{name}", value, sync_dist=True)
+
+    def interrupt_eval(self) -> None:
+        """End an evaluation epoch that an exception stopped: plugins restore the training weights.
+
+        Called by :class:`InterruptedEvalCallback` before any checkpoint callback saves on the
+        exception; does nothing outside an evaluation epoch.
+        """
+        stage, self._eval_stage = self._eval_stage, None
+        if stage is not None:
+            self.hooks.on_eval_interrupted(module=self, stage=stage)
 
     # -- continual learning -----------------------------------------------------------------------
 
@@ -461,6 +479,22 @@ class PluginBatchEndCallback(Callback):
     ) -> None:
         if isinstance(pl_module, LitplugModule):
             pl_module.plugins_train_batch_end(outputs, batch_idx)
+
+
+class InterruptedEvalCallback(Callback):
+    """Ends an evaluation epoch stopped by an exception, before checkpoint callbacks save on it.
+
+    SIGTERM mid-validation (Lightning raises at the next batch) or an error in a validation step
+    would otherwise leave the evaluation weights in the model (EMA's average): a checkpoint saved
+    on the exception would hold them as training weights, and a resumed run would diverge.
+    Lightning runs checkpoint callbacks last, and :class:`LitplugModule` puts this one first.
+    """
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(pl_module, LitplugModule):
+            pl_module.interrupt_eval()
 
 
 def _install_first(trainer: L.Trainer, callback: Callback) -> None:

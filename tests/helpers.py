@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,6 +85,10 @@ class RecordingPlugin(Plugin):
     @hookimpl
     def litplug_on_eval_end(self, stage: str) -> None:
         self._rec("on_eval_end", stage)
+
+    @hookimpl
+    def litplug_on_eval_interrupted(self, stage: str) -> None:
+        self._rec("on_eval_interrupted", stage)
 
     @hookimpl
     def litplug_on_task_start(self, task_id: int) -> None:
@@ -193,6 +200,34 @@ class DieOnRankOne(Plugin):
     def litplug_on_train_batch_end(self, batch_idx: int) -> None:
         if batch_idx == 1 and torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
             raise RuntimeError("rank 1 died")
+
+
+class SendSignal(Callback):
+    """Sends this process a real signal at the start of a training step or of a validation epoch's
+    first batch: the run meets the signal handling a ``kill`` from outside would. Under DDP only
+    the process of ``rank`` signals itself (``None``: every process)."""
+
+    def __init__(
+        self,
+        signal_name: str,
+        at_step: int | None = None,
+        in_validation_epoch: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.signum = signal.Signals[signal_name]
+        self.at_step = at_step
+        self.in_validation_epoch = in_validation_epoch
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.sanity_checking or trainer.current_epoch != self.in_validation_epoch:
+            return
+        if args[-1] == 0 and self.rank in (None, trainer.global_rank):  # the first batch: stops mid-epoch
+            os.kill(os.getpid(), self.signum)
 
 
 def assert_same_state(a: object, b: object, where: str) -> None:

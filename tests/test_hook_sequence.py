@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from litplug.core.hookspecs import hookimpl
-from litplug.core.module import LitplugModule, PluginBatchEndCallback
+from litplug.core.module import InterruptedEvalCallback, LitplugModule, PluginBatchEndCallback
 from litplug.core.plugin import Plugin
 
 
@@ -128,6 +128,7 @@ def test_plugin_batch_end_runs_before_user_callbacks_after_the_optimizer_step() 
     trainer.fit(_module(RecordingPlugin()), train)  # a second fit on the same trainer: still one, first
     core = [c for c in trainer.callbacks if isinstance(c, PluginBatchEndCallback)]  # type: ignore[attr-defined]
     assert len(core) == 1 and trainer.callbacks[0] is core[0]  # type: ignore[attr-defined]
+    assert sum(isinstance(c, InterruptedEvalCallback) for c in trainer.callbacks) == 1  # type: ignore[attr-defined]
 
 
 class StepCounter(Plugin):

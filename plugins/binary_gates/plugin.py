@@ -170,18 +170,27 @@ class BinaryGatesPlugin(Plugin):
 
     @hookimpl
     def litplug_on_eval_end(self, module: LightningModule, stage: str) -> dict[str, float] | None:
+        statistics = self._stop_recording(module)
+        if statistics is None or statistics.empty:
+            return None
+        self.last_gate_statistics = statistics.summary()
+        self.last_gate_histograms = dict(statistics.histograms)
+        self._log_histogram_image(module, stage)
+        return {f"gate_{name}": value for name, value in self.last_gate_statistics.items()}
+
+    @hookimpl
+    def litplug_on_eval_interrupted(self, module: LightningModule) -> None:
+        self._stop_recording(module)  # the partial statistics are dropped
+
+    def _stop_recording(self, module: LightningModule) -> GateStatistics | None:
+        """Turn gate recording off; the statistics collected, ``None`` if none were being collected."""
         if self._statistics is None:
             return None
         for layer in self._gate_layers(module):
             layer.record_gates = False
             layer.last_gate_values = {}
         statistics, self._statistics = self._statistics, None
-        if statistics.empty:
-            return None
-        self.last_gate_statistics = statistics.summary()
-        self.last_gate_histograms = dict(statistics.histograms)
-        self._log_histogram_image(module, stage)
-        return {f"gate_{name}": value for name, value in self.last_gate_statistics.items()}
+        return statistics
 
     # -- helpers ----------------------------------------------------------------------------------
 

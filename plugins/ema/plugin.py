@@ -165,13 +165,23 @@ class EMA(Plugin):
 
     @hookimpl
     def litplug_on_eval_end(self, module: L.LightningModule) -> dict[str, float] | None:
-        if self._backup is None:
+        if not self._restore_training_weights(module):
             return None
+        return {"ema_updates": float(self.num_updates)}
+
+    @hookimpl
+    def litplug_on_eval_interrupted(self, module: L.LightningModule) -> None:
+        self._restore_training_weights(module)
+
+    def _restore_training_weights(self, module: L.LightningModule) -> bool:
+        """Copy the training weights saved at eval start back; ``False`` if none were swapped out."""
+        if self._backup is None:
+            return False
         with torch.no_grad():
             for target, saved in zip(self._tensors(cast(nn.Module, module.model)), self._backup, strict=True):
                 target.copy_(saved)
         self._backup = None
-        return {"ema_updates": float(self.num_updates)}
+        return True
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -1,0 +1,267 @@
+"""A run stopped by a real signal resumes to exactly the weights of a run never stopped.
+
+End to end through `litplug fit` subprocesses: SIGTERM (a `kill`, a preemption) mid-step and
+mid-validation, where litplug's default PreemptionCheckpoint saves the state Lightning stops at,
+and SIGKILL, after which the run resumes from its last periodic checkpoint. The run has EMA
+(whose average is swapped into the model during validation) and a warmup callback, dropout on.
+Plus in-process checks of the pieces: the interrupted-evaluation hook and the callback's rules.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import RecordingPlugin, assert_same_state, quiet_trainer, toy_loaders
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
+
+from litplug.callbacks.preemption import PreemptionCheckpoint
+from litplug.core.cli import SIGTERM_EXIT_CODE, add_preemption_checkpoint, resume_checkpoint
+from litplug.core.module import LitplugModule
+from litplug.plugins.ema import EMA
+
+HERE = Path(__file__).resolve().parent
+FINAL = "epoch=2-step=12.ckpt"  # 5 steps per epoch at batch 256; max_steps 12
+CONFIG = """\
+seed_everything: 0
+trainer:
+  max_steps: 12
+  accelerator: cpu
+  devices: 1
+  deterministic: true
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+  limit_val_batches: 2
+  default_root_dir: {root}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {root}/ckpts, every_n_train_steps: 3, save_top_k: -1, save_last: true}}
+    - class_path: litplug.callbacks.warmup.LinearWarmup
+      init_args: {{warmup_steps: 5}}
+model:
+  model:
+    class_path: litplug.core.models.MLP
+    init_args: {{input_dim: 64, hidden_dims: [32], num_classes: 10, dropout: 0.2}}
+  optimizer:
+    class_path: torch.optim.SGD
+    init_args: {{lr: 0.05, momentum: 0.9}}
+  plugins:
+    - class_path: litplug.plugins.ema.EMA
+      init_args: {{decay: 0.9}}
+data:
+  class_path: litplug.core.data.DigitsDataModule
+  init_args: {{batch_size: 256, form: flat}}
+"""
+
+
+def _litplug_fit(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    config = root / "run.yaml"
+    if not config.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        config.write_text(CONFIG.format(root=root))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("WANDB_MODE", "disabled")
+    command = [sys.executable, "-m", "litplug.core.cli", "fit", "--config", str(config), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+
+
+def _final_state(root: Path, name: str = FINAL) -> dict[str, Any]:
+    checkpoint = torch.load(root / "ckpts" / name, map_location="cpu", weights_only=False)
+    state = {key: checkpoint[key] for key in ("state_dict", "optimizer_states", "global_step")}
+    # ModelCheckpoint's own state is paths in this run's directory
+    state["callbacks"] = {
+        k: v for k, v in checkpoint["callbacks"].items() if not k.startswith("ModelCheckpoint")
+    }
+    state["plugins"] = {name: entry["state"] for name, entry in checkpoint["litplug"]["plugins"].items()}
+    return state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    completed = _litplug_fit(root)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return _final_state(root)
+
+
+STOPS = {
+    # signal, where, the checkpoint `--ckpt_path last` must resume from
+    "sigterm-mid-epoch": (
+        ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.at_step=7"],
+        "preempted.ckpt",
+    ),
+    "sigterm-mid-validation": (
+        ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.in_validation_epoch=1"],
+        "preempted.ckpt",
+    ),
+    "sigkill-mid-epoch": (
+        ["--trainer.callbacks.signal_name=SIGKILL", "--trainer.callbacks.at_step=7"],
+        "last.ckpt",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", sorted(STOPS))
+def test_a_signalled_litplug_fit_resumes_from_last_to_identical_state(
+    stop: str, uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    signal_args, resumed_from = STOPS[stop]
+    stopped = _litplug_fit(tmp_path, "--trainer.callbacks+=helpers.SendSignal", *signal_args)
+    preempted = tmp_path / "preempted.ckpt"
+    if stop.startswith("sigterm"):
+        assert stopped.returncode == SIGTERM_EXIT_CODE, stopped.stderr[-3000:]
+        assert f"saved in {preempted}" in stopped.stderr and "stopped by SIGTERM" in stopped.stderr
+        assert preempted.exists()
+    else:
+        assert stopped.returncode == -9, stopped.stderr[-3000:]
+        assert not preempted.exists()
+    assert not (tmp_path / "ckpts" / FINAL).exists()
+
+    resumed = _litplug_fit(tmp_path, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    restored = [
+        line for line in resumed.stderr.splitlines() + resumed.stdout.splitlines() if "Restoring" in line
+    ]
+    assert restored and restored[0].endswith(resumed_from), restored
+    assert not preempted.exists(), "a completed fit removes the superseded preemption checkpoint"
+    assert_same_state(uninterrupted, _final_state(tmp_path), stop)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_stopped_by_sigterm_on_rank_zero_resumes_to_identical_state(tmp_path: Path) -> None:
+    """`kill <pid>` of the `litplug fit` you started: Lightning forwards the signal to the other
+    process and both stop at the same batch. (A SIGTERM sent to every process at once makes
+    Lightning 2.6's signal handler hang in a collective, with or without litplug: see
+    callbacks/preemption/README.md.)"""
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    reference = _litplug_fit(tmp_path / "uninterrupted", *ddp)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    signal_args = [
+        "--trainer.callbacks.signal_name=SIGTERM",
+        "--trainer.callbacks.at_step=4",
+        "--trainer.callbacks.rank=0",
+    ]
+    stopped = _litplug_fit(tmp_path / "run", *ddp, "--trainer.callbacks+=helpers.SendSignal", *signal_args)
+    assert stopped.returncode == SIGTERM_EXIT_CODE, stopped.stderr[-3000:]
+    assert (tmp_path / "run" / "preempted.ckpt").exists()
+    resumed = _litplug_fit(tmp_path / "run", *ddp, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = "epoch=3-step=12.ckpt"  # 3 steps per epoch: a global batch of 2 x 256
+    assert_same_state(
+        _final_state(tmp_path / "uninterrupted", final), _final_state(tmp_path / "run", final), "ddp"
+    )
+
+
+# -- in-process pieces --------------------------------------------------------------------------
+
+
+class Stop(RuntimeError):
+    pass
+
+
+class RaiseInValidation(Callback):
+    """Raises in the first batch of the second validation epoch; keeps the training weights seen
+    at its start (callbacks run before the module's hook, where EMA swaps its average in)."""
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+        self.training_weights: dict[str, torch.Tensor] = {}
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.training_weights = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.current_epoch == 1:
+            raise self.exception
+
+
+def test_an_exception_mid_validation_leaves_the_training_weights_and_fires_the_interrupted_hook() -> None:
+    torch.manual_seed(0)
+    recorder, ema = RecordingPlugin(), EMA(decay=0.5)
+    module = LitplugModule(nn.Linear(8, 3), plugins=[ema, recorder], num_classes=3)
+    raiser = RaiseInValidation(Stop("stop"))
+    train, val = toy_loaders()
+    with pytest.raises(Stop):
+        quiet_trainer(max_epochs=3, limit_train_batches=2, callbacks=[raiser]).fit(module, train, val)
+    assert recorder.calls[-1] == "on_eval_interrupted:val"
+    assert recorder.calls.count("on_eval_end:val") == 1  # the first epoch's only
+    averaged = ema.averaged.module.state_dict()  # type: ignore[union-attr]
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, raiser.training_weights[key]), key
+        assert not torch.equal(value, averaged[key]), f"{key}: the EMA average is still swapped in"
+
+
+def _trainer(tmp_path: Path, exception: BaseException) -> tuple[L.Trainer, PreemptionCheckpoint]:
+    preemption = PreemptionCheckpoint()
+    trainer = quiet_trainer(
+        max_epochs=3,
+        limit_train_batches=2,
+        default_root_dir=tmp_path,
+        callbacks=[preemption, RaiseInValidation(exception)],
+    )
+    return trainer, preemption
+
+
+def test_the_preemption_checkpoint_saves_on_sigterm_only(tmp_path: Path) -> None:
+    train, val = toy_loaders()
+    for exception, saved in ((Stop("an error"), False), (SIGTERMException(), True)):
+        trainer, preemption = _trainer(tmp_path, exception)
+        with pytest.raises(type(exception)):
+            trainer.fit(LitplugModule(nn.Linear(8, 3), num_classes=3), train, val)
+        assert preemption.checkpoint_path(trainer) == str(tmp_path / "preempted.ckpt")
+        assert (tmp_path / "preempted.ckpt").exists() is saved, type(exception).__name__
+    # two epochs of two steps, stopped in the second validation
+    assert torch.load(tmp_path / "preempted.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_the_preemption_checkpoint_is_removed_by_a_completed_fit_and_kept_by_test(tmp_path: Path) -> None:
+    saved = tmp_path / "preempted.ckpt"
+    saved.write_bytes(b"not a checkpoint")
+    train, val = toy_loaders()
+    module = LitplugModule(nn.Linear(8, 3), num_classes=3)
+    trainer = quiet_trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[PreemptionCheckpoint()])
+    trainer.test(module, val)
+    assert saved.exists()
+    # A fit without ckpt_path trains afresh: it does not pick the file up (Lightning does that for
+    # its OnExceptionCheckpoint, turning ckpt_path=None into "last"; here loading it would fail).
+    trainer.fit(module, train, val)
+    assert not saved.exists()
+
+
+def test_ckpt_path_last_takes_the_newest_of_the_preemption_and_last_checkpoints(tmp_path: Path) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[saver, PreemptionCheckpoint()])
+    assert resume_checkpoint(trainer) == "last"  # nothing preempted: Lightning's own rule
+    last, preempted = tmp_path / "ckpts" / "last.ckpt", tmp_path / "preempted.ckpt"
+    last.parent.mkdir()
+    for older, newer in ((last, preempted), (preempted, last)):
+        older.write_bytes(b"")
+        newer.write_bytes(b"")
+        os.utime(older, (1_000_000, 1_000_000))
+        assert resume_checkpoint(trainer) == str(newer)
+
+
+def test_litplug_fit_adds_a_preemption_checkpoint_unless_checkpointing_is_off_or_one_is_configured(
+    tmp_path: Path,
+) -> None:
+    def added(**kwargs: Any) -> list[PreemptionCheckpoint]:
+        trainer = L.Trainer(default_root_dir=tmp_path, logger=False, **kwargs)
+        add_preemption_checkpoint(trainer)
+        found = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)]  # type: ignore[attr-defined]
+        assert all(c.checkpoint_path(trainer) == str(tmp_path / "preempted.ckpt") for c in found[:1])
+        return found
+
+    assert len(added()) == 1
+    assert added(enable_checkpointing=False) == []
+    assert added(callbacks=[OnExceptionCheckpoint(tmp_path)]) == []
+    assert len(added(callbacks=[PreemptionCheckpoint(tmp_path)])) == 1

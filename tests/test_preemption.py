@@ -63,14 +63,25 @@ data:
 """
 
 
-def _litplug_fit(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _litplug_fit(
+    root: Path, *extra: str, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
     config = root / "run.yaml"
     if not config.exists():
         root.mkdir(parents=True, exist_ok=True)
         config.write_text(CONFIG.format(root=root))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("WANDB_MODE", "disabled")
-    command = [sys.executable, "-m", "litplug.core.cli", "fit", "--config", str(config), *extra]
+    command = [
+        sys.executable,
+        *(launcher or []),
+        "-m",
+        "litplug.core.cli",
+        "fit",
+        "--config",
+        str(config),
+        *extra,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=root)
 
 
@@ -99,8 +110,15 @@ STOPS = {
         ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.at_step=7"],
         "preempted.ckpt",
     ),
-    "sigterm-mid-validation": (
+    # noted during validation, acted on at the next training batch end
+    "sigterm-during-validation": (
         ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.in_validation_epoch=1"],
+        "preempted.ckpt",
+    ),
+    # at an epoch's last batch: Lightning starts the due validation and stops it after one batch,
+    # with EMA's average swapped in
+    "sigterm-before-validation": (
+        ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.at_step=9"],
         "preempted.ckpt",
     ),
     "sigkill-mid-epoch": (
@@ -137,29 +155,48 @@ def test_a_signalled_litplug_fit_resumes_from_last_to_identical_state(
     assert_same_state(uninterrupted, _final_state(tmp_path), stop)
 
 
+DDP = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+DDP_FINAL = "epoch=3-step=12.ckpt"  # 3 steps per epoch: a global batch of 2 x 256
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+DDP_STOPS = {
+    # `kill <pid>` of the `litplug fit` you started: Lightning forwards the signal to its other process.
+    "lightning-launcher-sigterm-to-rank-0": ([], ["--trainer.callbacks.rank=0"], SIGTERM_EXIT_CODE),
+    # `kill -TERM -<process group>`: rank 1 gets two signals; Lightning's own handler hung here.
+    "lightning-launcher-sigterm-to-every-rank": ([], [], SIGTERM_EXIT_CODE),
+    # srun/torchrun-style: every rank gets the signal once. torchrun exits 1 when a rank fails.
+    "torchrun-sigterm-to-every-rank": (TORCHRUN, [], 1),
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("ddp_uninterrupted")
+    completed = _litplug_fit(root, *DDP)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return _final_state(root, DDP_FINAL)
+
+
 @pytest.mark.slow
-def test_a_two_process_run_stopped_by_sigterm_on_rank_zero_resumes_to_identical_state(tmp_path: Path) -> None:
-    """`kill <pid>` of the `litplug fit` you started: Lightning forwards the signal to the other
-    process and both stop at the same batch. (A SIGTERM sent to every process at once makes
-    Lightning 2.6's signal handler hang in a collective, with or without litplug: see
-    callbacks/preemption/README.md.)"""
-    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
-    reference = _litplug_fit(tmp_path / "uninterrupted", *ddp)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    signal_args = [
-        "--trainer.callbacks.signal_name=SIGTERM",
-        "--trainer.callbacks.at_step=4",
-        "--trainer.callbacks.rank=0",
-    ]
-    stopped = _litplug_fit(tmp_path / "run", *ddp, "--trainer.callbacks+=helpers.SendSignal", *signal_args)
-    assert stopped.returncode == SIGTERM_EXIT_CODE, stopped.stderr[-3000:]
-    assert (tmp_path / "run" / "preempted.ckpt").exists()
-    resumed = _litplug_fit(tmp_path / "run", *ddp, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = "epoch=3-step=12.ckpt"  # 3 steps per epoch: a global batch of 2 x 256
-    assert_same_state(
-        _final_state(tmp_path / "uninterrupted", final), _final_state(tmp_path / "run", final), "ddp"
+@pytest.mark.parametrize("stop", sorted(DDP_STOPS))
+def test_a_two_process_run_stopped_by_sigterm_resumes_to_identical_state(
+    stop: str, ddp_uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    """Both processes stop at the same batch and write one checkpoint. Without PreemptionCheckpoint's
+    own SIGTERM handler, the every-rank case hangs in Lightning 2.6's (callbacks/preemption/README.md)."""
+    launcher, rank_args, exit_code = DDP_STOPS[stop]
+    signal_args = ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.at_step=4", *rank_args]
+    stopped = _litplug_fit(
+        tmp_path, *DDP, "--trainer.callbacks+=helpers.SendSignal", *signal_args, launcher=launcher
     )
+    assert stopped.returncode == exit_code, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM" in stopped.stderr and (tmp_path / "preempted.ckpt").exists()
+    resumed = _litplug_fit(tmp_path, *DDP, "--ckpt_path", "last", launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "Restoring states from the checkpoint path at " + str(tmp_path / "preempted.ckpt")
+        in resumed.stderr + resumed.stdout
+    )
+    assert_same_state(ddp_uninterrupted, _final_state(tmp_path, DDP_FINAL), stop)
 
 
 # -- in-process pieces --------------------------------------------------------------------------

@@ -15,6 +15,10 @@ a ``PreemptionCheckpoint`` or Lightning ``OnExceptionCheckpoint`` in the config,
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.types import _PATH
@@ -49,6 +53,7 @@ class PreemptionCheckpoint(Callback):
             raise ValueError("callback 'PreemptionCheckpoint': argument 'filename' must not be empty")
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.filename = filename
+        self._requested = False  # SIGTERM noted by this process's handler, not yet acted on
 
     @classmethod
     def example(cls) -> PreemptionCheckpoint:
@@ -58,6 +63,33 @@ class PreemptionCheckpoint(Callback):
     def checkpoint_path(self, trainer: L.Trainer) -> str:
         """Where the checkpoint is written for ``trainer`` (known before ``fit`` starts)."""
         return os.path.join(self.dirpath or trainer.default_root_dir, self.filename + FILE_EXTENSION)
+
+    # -- when to stop: every rank at the same batch -----------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take SIGTERM over from Lightning's handler for the training loop.
+
+        Lightning 2.6's handler broadcasts from rank 0 inside the signal handler, once per signal
+        a process receives; a rank that gets the signal twice (its own and the one rank 0's
+        launcher forwards) or at another point of its step leaves the ranks' collectives unpaired,
+        and the run hangs. Here the handler only notes the signal, and all ranks agree at the end
+        of each training batch (one boolean all-reduce under DDP). Lightning restores its own
+        handlers when the run ends.
+        """
+        self._requested = False
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._requested = True  # no collectives in a signal handler: see on_train_start
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank, on every rank
+            # Lightning's own flag: every rank then stops where Lightning stops for SIGTERM, at the
+            # end of this batch (SIGTERMException), and on_exception below saves there.
+            trainer._signal_connector.received_sigterm = True
+
+    # -- saving and cleaning up ---------------------------------------------------------------
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

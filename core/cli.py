@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Mapping
@@ -37,7 +38,8 @@ from litplug.core.manager import TRACE_ENV
 from litplug.core.module import LitplugModule
 
 TRACE_FLAG = "--trace-hooks"
-SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, the shell's code for a process ended by SIGTERM
+SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N in the shell
+SIGTERM_EXIT_CODE = SIGNAL_EXIT_BASE + signal.SIGTERM  # 143
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.pt"
 
@@ -273,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 LitplugCLI(args=args)
         except SIGTERMException:  # Lightning stopped at a batch end; a SystemExit with code None (0)
-            print(f"litplug: stopped by SIGTERM (exit code {SIGTERM_EXIT_CODE})", file=sys.stderr)
-            return SIGTERM_EXIT_CODE
+            stopped_by = PreemptionCheckpoint.stop_signal or signal.SIGTERM
+            code = SIGNAL_EXIT_BASE + stopped_by  # the shell's code for a process ended by it
+            print(f"litplug: stopped by {stopped_by.name} (exit code {code})", file=sys.stderr)
+            return code
         except SystemExit as exit_info:  # jsonargparse has printed its parse error
             if exit_info.code == 2:
                 for hint in _plugin_name_hints(args):

@@ -204,8 +204,8 @@ class DieOnRankOne(Plugin):
 
 class SendSignal(Callback):
     """Sends this process a real signal at the start of a training step or of a validation epoch's
-    first batch: the run meets the signal handling a ``kill`` from outside would. Under DDP only
-    the process of ``rank`` signals itself (``None``: every process)."""
+    first batch, ``times`` times: the run meets the signal handling a ``kill`` from outside would.
+    Under DDP only the process of ``rank`` signals itself (``None``: every process)."""
 
     def __init__(
         self,
@@ -213,15 +213,18 @@ class SendSignal(Callback):
         at_step: int | None = None,
         in_validation_epoch: int | None = None,
         rank: int | None = None,
+        times: int = 1,
     ) -> None:
         self.signum = signal.Signals[signal_name]
+        self.times = times
         self.at_step = at_step
         self.in_validation_epoch = in_validation_epoch
         self.rank = rank
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.sanity_checking or trainer.current_epoch != self.in_validation_epoch:

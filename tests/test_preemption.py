@@ -104,27 +104,25 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return _final_state(root)
 
 
+def _signal(name: str, **where: int) -> list[str]:
+    return [
+        f"--trainer.callbacks.signal_name={name}",
+        *(f"--trainer.callbacks.{k}={v}" for k, v in where.items()),
+    ]
+
+
 STOPS = {
-    # signal, where, the checkpoint `--ckpt_path last` must resume from
-    "sigterm-mid-epoch": (
-        ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.at_step=7"],
-        "preempted.ckpt",
-    ),
+    # the signal and where, the exit code, the checkpoint `--ckpt_path last` must resume from
+    "sigterm-mid-epoch": (_signal("SIGTERM", at_step=7), 143, "preempted.ckpt"),
     # noted during validation, acted on at the next training batch end
-    "sigterm-during-validation": (
-        ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.in_validation_epoch=1"],
-        "preempted.ckpt",
-    ),
+    "sigterm-during-validation": (_signal("SIGTERM", in_validation_epoch=1), 143, "preempted.ckpt"),
     # at an epoch's last batch: Lightning starts the due validation and stops it after one batch,
     # with EMA's average swapped in
-    "sigterm-before-validation": (
-        ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.at_step=9"],
-        "preempted.ckpt",
-    ),
-    "sigkill-mid-epoch": (
-        ["--trainer.callbacks.signal_name=SIGKILL", "--trainer.callbacks.at_step=7"],
-        "last.ckpt",
-    ),
+    "sigterm-before-validation": (_signal("SIGTERM", at_step=9), 143, "preempted.ckpt"),
+    "ctrl-c-mid-epoch": (_signal("SIGINT", at_step=7), 130, "preempted.ckpt"),
+    # a second Ctrl-C stops at once (Lightning's KeyboardInterrupt exit), saving nothing
+    "ctrl-c-twice": (_signal("SIGINT", at_step=7, times=2), 1, "last.ckpt"),
+    "sigkill-mid-epoch": (_signal("SIGKILL", at_step=7), -9, "last.ckpt"),
 }
 
 
@@ -133,16 +131,15 @@ STOPS = {
 def test_a_signalled_litplug_fit_resumes_from_last_to_identical_state(
     stop: str, uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
-    signal_args, resumed_from = STOPS[stop]
+    signal_args, exit_code, resumed_from = STOPS[stop]
     stopped = _litplug_fit(tmp_path, "--trainer.callbacks+=helpers.SendSignal", *signal_args)
+    assert stopped.returncode == exit_code, stopped.stderr[-3000:]
     preempted = tmp_path / "preempted.ckpt"
-    if stop.startswith("sigterm"):
-        assert stopped.returncode == SIGTERM_EXIT_CODE, stopped.stderr[-3000:]
-        assert f"saved in {preempted}" in stopped.stderr and "stopped by SIGTERM" in stopped.stderr
-        assert preempted.exists()
-    else:
-        assert stopped.returncode == -9, stopped.stderr[-3000:]
-        assert not preempted.exists()
+    assert preempted.exists() is (resumed_from == "preempted.ckpt")
+    if preempted.exists():
+        name = "SIGINT" if stop.startswith("ctrl-c") else "SIGTERM"
+        assert f"litplug: {name}: the state after step" in stopped.stderr, stopped.stderr[-3000:]
+        assert f"saved in {preempted}" in stopped.stderr and f"stopped by {name}" in stopped.stderr
     assert not (tmp_path / "ckpts" / FINAL).exists()
 
     resumed = _litplug_fit(tmp_path, "--ckpt_path", "last")

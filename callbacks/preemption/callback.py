@@ -1,12 +1,13 @@
 """``PreemptionCheckpoint``: a checkpoint written when the run is told to stop, so it resumes exactly.
 
 SIGTERM is how a run is stopped from outside: ``kill``, a SLURM or Kubernetes preemption, a job
-scheduler's time limit. Lightning notes the signal and stops at the end of the current batch (or
-evaluation batch) by raising ``SIGTERMException``; this callback saves the full training state
-there. The file holds every plugin's state, the random-number state and the data order like any
-litplug checkpoint, so a run resumed from it ends with the same weights as one never stopped.
+scheduler's time limit; Ctrl-C (SIGINT) is how a person stops it. During the training loop this
+callback notes either signal, all ranks agree on it at the end of the batch, and Lightning stops
+there (``SIGTERMException``); the callback then saves the full training state. The file holds
+every plugin's state, the random-number state and the data order like any litplug checkpoint,
+so a run resumed from it ends with the same weights as one never stopped.
 
-It saves only on SIGTERM during ``fit``: other exceptions (an error in a step, Ctrl-C) can strike
+It saves on nothing else: other exceptions (an error in a step, a second Ctrl-C) can strike
 mid-step, where a checkpoint would mix the weights of one step with the loop counters of another.
 ``litplug fit`` adds one by default (see the README); ``--trainer.enable_checkpointing=false``, or
 a ``PreemptionCheckpoint`` or Lightning ``OnExceptionCheckpoint`` in the config, leaves it out.
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.fabric.utilities.types import _PATH
@@ -32,28 +34,36 @@ FILE_EXTENSION = ".ckpt"
 
 
 class PreemptionCheckpoint(Callback):
-    """Save ``<dirpath>/preempted.ckpt`` when SIGTERM stops ``fit``; remove it when a fit completes.
+    """Save ``<dirpath>/preempted.ckpt`` when SIGTERM or Ctrl-C stops ``fit``; remove it when a fit completes.
 
     Args:
         dirpath: directory of the checkpoint; ``None`` takes the trainer's ``default_root_dir``.
         filename: its name, without ``.ckpt``.
 
-    Resume with ``--ckpt_path <dirpath>/preempted.ckpt``, or with ``--ckpt_path last``: ``litplug
-    fit`` then takes the newest of this file and the ``ModelCheckpoint`` ``last.ckpt`` files, and
-    starts afresh when there is none (so a requeued job can always pass it). A fit that completes
-    removes the file, so ``last`` never picks a superseded one; ``validate``/``test`` keep it.
+    During the training loop the first SIGTERM or Ctrl-C (SIGINT) stops the run at the end of the
+    current batch and saves; a second Ctrl-C stops at once without saving (Lightning's own
+    KeyboardInterrupt handling). Resume with ``--ckpt_path <dirpath>/preempted.ckpt``, or with
+    ``--ckpt_path last``: ``litplug fit`` then takes the newest of this file and the
+    ``ModelCheckpoint`` ``last.ckpt`` files, and starts afresh when there is none (so a requeued
+    job can always pass it). A fit that completes removes the file, so ``last`` never picks a
+    superseded one; ``validate``/``test`` keep it.
 
     Not a subclass of Lightning's ``OnExceptionCheckpoint`` on purpose: with one of those in the
     callbacks, Lightning turns every ``fit`` without ``ckpt_path`` into ``ckpt_path="last"``, so a
     rerun of a finished config would silently resume from its end instead of training anew.
     """
 
+    #: The signal that stopped the last fit in this process (signals are per process), for the
+    #: command's exit code; ``None`` when none did.
+    stop_signal: ClassVar[signal.Signals | None] = None
+
     def __init__(self, dirpath: _PATH | None = None, filename: str = PREEMPTED_FILENAME) -> None:
         if not filename:
             raise ValueError("callback 'PreemptionCheckpoint': argument 'filename' must not be empty")
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.filename = filename
-        self._requested = False  # SIGTERM noted by this process's handler, not yet acted on
+        self._noted: signal.Signals | None = None  # a signal this process got, not yet acted on
+        self._announce = False  # rank zero says what a Ctrl-C does
 
     @classmethod
     def example(cls) -> PreemptionCheckpoint:
@@ -67,26 +77,41 @@ class PreemptionCheckpoint(Callback):
     # -- when to stop: every rank at the same batch -----------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Take SIGTERM over from Lightning's handler for the training loop.
+        """Take SIGTERM and SIGINT over from Lightning's handlers for the training loop.
 
-        Lightning 2.6's handler broadcasts from rank 0 inside the signal handler, once per signal
-        a process receives; a rank that gets the signal twice (its own and the one rank 0's
+        Lightning 2.6's SIGTERM handler broadcasts from rank 0 inside the signal handler, once per
+        signal a process receives; a rank that gets the signal twice (its own and the one rank 0's
         launcher forwards) or at another point of its step leaves the ranks' collectives unpaired,
         and the run hangs. Here the handler only notes the signal, and all ranks agree at the end
         of each training batch (one boolean all-reduce under DDP). Lightning restores its own
         handlers when the run ends.
         """
-        self._requested = False
+        self._noted = None
+        type(self).stop_signal = None
+        self._announce = trainer.is_global_zero
         if threading.current_thread() is threading.main_thread():  # signal handlers live there
-            signal.signal(signal.SIGTERM, self._note_sigterm)
+            signal.signal(signal.SIGTERM, self._note_signal)
+            signal.signal(signal.SIGINT, self._note_signal)
 
-    def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self._requested = True  # no collectives in a signal handler: see on_train_start
+    def _note_signal(self, signum: int, frame: FrameType | None) -> None:
+        """No collectives in a signal handler (see on_train_start): note it, act at the batch end."""
+        if signum == signal.SIGINT and self._noted is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self._noted = signal.Signals(signum)
+        if signum == signal.SIGINT and self._announce:
+            print(
+                "\nlitplug: Ctrl-C: stopping at the end of this batch and saving a checkpoint "
+                "(Ctrl-C again stops at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank, on every rank
-            # Lightning's own flag: every rank then stops where Lightning stops for SIGTERM, at the
-            # end of this batch (SIGTERMException), and on_exception below saves there.
+        if trainer.strategy.reduce_boolean_decision(self._noted is not None, all=False):  # any rank
+            # Lightning's own flag, on every rank: all stop where Lightning stops for SIGTERM, at
+            # the end of this batch (SIGTERMException), and on_exception below saves there.
+            type(self).stop_signal = self._noted or signal.SIGTERM  # SIGTERM: forwarded by a rank
             trainer._signal_connector.received_sigterm = True
 
     # -- saving and cleaning up ---------------------------------------------------------------
@@ -100,8 +125,9 @@ class PreemptionCheckpoint(Callback):
             return  # nothing trained yet, or not training: the last checkpoint is the state
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # on every rank: Lightning builds the checkpoint on all of them
+        name = (type(self).stop_signal or signal.SIGTERM).name
         rank_zero_info(
-            f"litplug: SIGTERM: the state after step {trainer.global_step} is saved in {path}; "
+            f"litplug: {name}: the state after step {trainer.global_step} is saved in {path}; "
             f"resume by adding --ckpt_path {path} (or --ckpt_path last) to the command"
         )
 

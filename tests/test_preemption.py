@@ -10,6 +10,7 @@ Plus in-process checks of the pieces: the interrupted-evaluation hook and the ca
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -268,8 +269,11 @@ def test_the_preemption_checkpoint_is_removed_by_a_completed_fit_and_kept_by_tes
     assert saved.exists()
     # A fit without ckpt_path trains afresh: it does not pick the file up (Lightning does that for
     # its OnExceptionCheckpoint, turning ckpt_path=None into "last"; here loading it would fail).
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     trainer.fit(module, train, val)
     assert not saved.exists()
+    # its SIGINT/SIGTERM handlers live only during the fit (Lightning restores the previous ones)
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
 
 
 def test_ckpt_path_last_takes_the_newest_of_the_preemption_and_last_checkpoints(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -231,6 +234,22 @@ class SendSignal(Callback):
             return
         if args[-1] == 0 and self.rank in (None, trainer.global_rank):  # the first batch: stops mid-epoch
             os.kill(os.getpid(), self.signum)
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a test's child process: this folder importable (``helpers``), no W&B."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+def litplug_command(subcommand: str, config: Path, *args: str, launcher: Sequence[str] = ()) -> list[str]:
+    """``python [launcher] -m litplug.core.cli <subcommand> --config <config> <args>``."""
+    return [sys.executable, *launcher, "-m", "litplug.core.cli", subcommand, "--config", str(config), *args]
 
 
 def assert_same_state(a: object, b: object, where: str) -> None:

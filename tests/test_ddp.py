@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import build, ddp_cases
-from helpers import assert_same_state, quiet_trainer
+from helpers import assert_same_state, litplug_command, quiet_trainer, subprocess_env
 
 from litplug.core.plugin import Plugin
 
@@ -32,13 +31,6 @@ CASES = ddp_cases()
 # Known differences between a 2-process and a 1-process run, kept visible instead of hidden (strict
 # xfail with the reason). Empty now: Admin's profiling pools its variances across ranks.
 KNOWN_MISMATCH: dict[str, str] = {}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    env.setdefault("WANDB_MODE", "disabled")
-    return env
 
 
 def _run_retrying_once(
@@ -51,14 +43,16 @@ def _run_retrying_once(
     process groups at the same time (likely a race for the free port Lightning picks). A second
     failure fails the test; a first one shows in pytest's warnings summary with its stderr.
     """
-    completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    completed = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
     if completed.returncode != 0:
         warnings.warn(
             f"retrying {' '.join(command[1:4])}... after exit {completed.returncode}: {completed.stderr[-1500:]}",
             stacklevel=2,
         )
         completed = subprocess.run(
-            command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd
+            command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd
         )
     return completed
 
@@ -122,7 +116,9 @@ def test_two_process_run_resumes_to_the_same_state_on_every_rank(case: str, ddp_
 def test_a_dying_rank_ends_the_run_with_an_error_in_bounded_time(tmp_path: Path) -> None:
     command = [sys.executable, str(HERE / "ddp_die.py")]
     started = time.monotonic()
-    completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    completed = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     elapsed = time.monotonic() - started
     assert completed.returncode != 0
     assert "rank 1 died" in completed.stderr
@@ -132,13 +128,9 @@ def test_a_dying_rank_ends_the_run_with_an_error_in_bounded_time(tmp_path: Path)
 @pytest.mark.slow
 def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root: Path) -> None:
     results = tmp_path / "results.json"
-    command = [
-        sys.executable,
-        "-m",
-        "litplug.core.cli",
+    command = litplug_command(
         "fit",
-        "--config",
-        str(repo_root / "configs" / "quickstart.yaml"),
+        repo_root / "configs" / "quickstart.yaml",
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
@@ -149,7 +141,7 @@ def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root
         "--trainer.logger=false",
         "--test_after_fit=false",
         f"--results_path={results}",
-    ]
+    )
     completed = _run_retrying_once(command, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "Starting with 2 processes" in completed.stderr + completed.stdout

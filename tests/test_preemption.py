@@ -12,14 +12,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from helpers import RecordingPlugin, assert_same_state, quiet_trainer, toy_loaders
+from helpers import (
+    RecordingPlugin,
+    assert_same_state,
+    litplug_command,
+    quiet_trainer,
+    subprocess_env,
+    toy_loaders,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -29,7 +36,6 @@ from litplug.core.cli import SIGTERM_EXIT_CODE, add_preemption_checkpoint, resum
 from litplug.core.module import LitplugModule
 from litplug.plugins.ema import EMA
 
-HERE = Path(__file__).resolve().parent
 FINAL = "epoch=2-step=12.ckpt"  # 5 steps per epoch at batch 256; max_steps 12
 CONFIG = """\
 seed_everything: 0
@@ -64,26 +70,15 @@ data:
 """
 
 
-def _litplug_fit(
-    root: Path, *extra: str, launcher: list[str] | None = None
-) -> subprocess.CompletedProcess[str]:
+def _litplug_fit(root: Path, *extra: str, launcher: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     config = root / "run.yaml"
     if not config.exists():
         root.mkdir(parents=True, exist_ok=True)
         config.write_text(CONFIG.format(root=root))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    env.setdefault("WANDB_MODE", "disabled")
-    command = [
-        sys.executable,
-        *(launcher or []),
-        "-m",
-        "litplug.core.cli",
-        "fit",
-        "--config",
-        str(config),
-        *extra,
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    command = litplug_command("fit", config, *extra, launcher=launcher)
+    return subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=root
+    )
 
 
 def _final_state(root: Path, name: str = FINAL) -> dict[str, Any]:

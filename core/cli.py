@@ -76,8 +76,9 @@ class LitplugCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The configured trainer; for ``fit`` with checkpointing on, plus a :class:`PreemptionCheckpoint`.
 
-        So a run stopped by SIGTERM (``kill``, a preemption) saves its state at the batch where
-        Lightning stops, in ``default_root_dir``, unless the config has its own ``OnExceptionCheckpoint``.
+        So a run stopped by SIGTERM (``kill``, a preemption) or Ctrl-C saves its state at the end of
+        the batch, in ``default_root_dir``, unless the config has its own ``PreemptionCheckpoint``
+        or ``OnExceptionCheckpoint``.
         """
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":

@@ -5,7 +5,8 @@
   directory (and to ``--results_path`` when given). ``--test_after_fit true`` runs the test set
   after fitting: on the best checkpoint when a ``ModelCheckpoint`` monitors a metric, on the final
   weights otherwise.
-  ``predict`` writes class probabilities to ``predictions.pt`` in the run directory.
+  ``predict`` writes class probabilities to ``predictions.pt`` in the run directory (of the test
+  data when the data module has no predict data).
 - ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
   a config, the resolved plugin order.
 - ``--trace-hooks`` (or ``LITPLUG_TRACE_HOOKS=1``): log every hook call with the plugins it runs.
@@ -30,6 +31,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.discovery import available_plugins, builtin_callbacks
@@ -132,6 +134,11 @@ class LitplugCLI(LightningCLI):
         predicts the whole, unsharded set and rank zero writes it; spawn strategies cannot return
         predictions (Lightning's limit), so nothing is written there.
         """
+        datamodule = kwargs.get("datamodule")
+        if datamodule is not None and kwargs.get("dataloaders") is None:
+            if _predict_test_split_if_no_predict_data(datamodule) and self.trainer.is_global_zero:
+                name = type(datamodule).__name__
+                print(f"litplug predict: {name} has no predict_dataloader; predicting its test data")
         predictions = self.trainer.predict(**kwargs)
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP
         if not self.trainer.is_global_zero:
@@ -201,6 +208,25 @@ def resume_checkpoint(trainer: L.Trainer) -> str:
         if isinstance(callback, ModelCheckpoint):
             candidates |= callback._find_last_checkpoints(trainer)  # what Lightning's "last" looks at
     return max(candidates, key=lambda path: get_filesystem(path).modified(path))
+
+
+def _predict_test_split_if_no_predict_data(datamodule: L.LightningDataModule) -> bool:
+    """Let a data module without ``predict_dataloader`` but with a ``test_dataloader`` be predicted.
+
+    litplug's data modules predict their test split; a user's module often defines train, val and
+    test only, and Lightning would refuse it. Its own instance gets ``predict_dataloader`` as its
+    ``test_dataloader``, and ``setup("predict")`` runs as ``setup("test")`` (a ``setup`` that
+    builds the test set only for that stage still builds it). Returns whether it did so.
+    """
+    base = L.LightningDataModule
+    if is_overridden("predict_dataloader", datamodule, base) or not is_overridden(
+        "test_dataloader", datamodule, base
+    ):
+        return False
+    setup = datamodule.setup
+    datamodule.setup = lambda stage: setup("test" if stage == "predict" else stage)  # type: ignore[method-assign]
+    datamodule.predict_dataloader = datamodule.test_dataloader  # type: ignore[method-assign]
+    return True
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

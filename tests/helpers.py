@@ -180,6 +180,27 @@ def toy_loaders(n: int = 64, batch_size: int = 16, classes: int = 3) -> tuple[Da
     return DataLoader(data, batch_size=batch_size), DataLoader(data, batch_size=batch_size)
 
 
+class TrainValTestData(L.LightningDataModule):
+    """A user's data module: train, val and test loaders, no predict loader; ``setup`` builds the
+    test set only for the test stage, as many do. 8 features, 3 classes; the test set has 24 rows."""
+
+    def setup(self, stage: str) -> None:
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(88, 8, generator=generator), torch.randint(0, 3, (88,), generator=generator)
+        self.train_set = TensorDataset(x[:64], y[:64])
+        if stage == "test":
+            self.test_set = TensorDataset(x[64:], y[64:])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=16)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=16)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=16)
+
+
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
     defaults: dict[str, Any] = {
         "accelerator": "cpu",

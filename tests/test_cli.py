@@ -153,6 +153,19 @@ def test_predict_writes_the_class_probabilities_of_the_test_set(tmp_path: Path, 
     assert torch.equal(saved["predicted"], saved["probs"].argmax(-1))
 
 
+def test_predict_takes_the_test_data_of_a_data_module_without_predict_data(tmp_path: Path, capsys) -> None:
+    model = "    class_path: litplug.core.models.MLP\n    init_args: {input_dim: 8, hidden_dims: [8], num_classes: 3}\n"
+    config = tmp_path / "user.yaml"
+    config.write_text(
+        f"model:\n  model:\n{model}  num_classes: 3\n{TRAINER}data:\n  class_path: helpers.TrainValTestData\n"
+    )
+    assert main(["predict", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "TrainValTestData has no predict_dataloader; predicting its test data" in out
+    assert "24 predictions written to" in out
+    assert torch.load(tmp_path / "predictions.pt", weights_only=True)["probs"].shape == (24, 3)
+
+
 def test_test_after_fit_tests_the_best_checkpoint_of_a_monitoring_model_checkpoint(tmp_path: Path) -> None:
     # mode "max" on val/loss makes the first epoch the best while the loss falls: best != final.
     run_dir = tmp_path / "fit"

@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                 LitplugCLI()
             else:
                 LitplugCLI(args=args)
+            _destroy_process_group()
         except SIGTERMException:  # Lightning stopped at a batch end; a SystemExit with code None (0)
+            _destroy_process_group()  # every rank stopped at the same batch (PreemptionCheckpoint)
             stopped_by = PreemptionCheckpoint.stop_signal or signal.SIGTERM
             code = SIGNAL_EXIT_BASE + stopped_by  # the shell's code for a process ended by it
             print(f"litplug: stopped by {stopped_by.name} (exit code {code})", file=sys.stderr)
@@ -318,6 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litplug: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _destroy_process_group() -> None:
+    """End the DDP process group, if any, before the interpreter exits.
+
+    Lightning leaves it alive; a gloo group still alive at interpreter shutdown can abort the
+    process ("terminate called without an active exception", exit -6) after a run that
+    succeeded. Seen once in CI on a two-process `litplug fit`. Only on the way out of a run
+    that ended the same way on every rank: after an error, a rank may be inside a collective.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _config_paths(args: list[str]) -> list[str]:

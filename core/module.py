@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from litplug.core import distributed
 from litplug.core.errors import CheckpointError, PluginSetupError
 from litplug.core.features import get_model_feature
+from litplug.core.loop_state import close_finished_epoch
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
@@ -432,6 +433,8 @@ class LitplugModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.apply_surgery()  # weights of a modified model only fit a modified model
+        # before Lightning restores its loops from the same dict (after this hook)
+        close_finished_epoch(checkpoint.get("loops") or {})
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             if self.plugins:

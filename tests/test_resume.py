@@ -1,7 +1,11 @@
-"""A run killed mid-epoch and resumed from its checkpoint ends with exactly the uninterrupted weights.
+"""A run killed and resumed from its checkpoint ends with exactly the uninterrupted weights.
 
 Parametrised over the registry (every built-in and installed plugin, every built-in callback), so a
 new plugin is covered the day it is added. Dropout is on, so the random stream must resume too.
+Each case resumes from a checkpoint saved mid-epoch (``every_n_train_steps``) and from the one
+``ModelCheckpoint`` saves by default at an epoch's end (in ``on_train_epoch_end``), with the run
+bounded by ``max_steps`` and by ``max_epochs``: Lightning restores the epoch-end one differently in
+each (``litplug.core.loop_state``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,19 @@ from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
 
-TOTAL_STEPS = 8  # 5 batches per epoch at batch 256: crosses an epoch boundary
+TOTAL_STEPS = 8  # crosses an epoch boundary
+STEPS_PER_EPOCH = 5  # the digits at batch 256; text data is cut to it (limit_train_batches)
 KILL_AT = 3  # mid-epoch
+# how the run is bounded, the checkpoint it saves and the step it is killed at, the file resumed
+STOPS = {
+    "mid-epoch": (
+        {"max_steps": TOTAL_STEPS},
+        {"every_n_train_steps": KILL_AT, "save_top_k": -1},
+        KILL_AT + 1,
+    ),
+    "epoch-end-max-steps": ({"max_steps": TOTAL_STEPS}, {}, STEPS_PER_EPOCH + 2),
+    "epoch-end-max-epochs": ({"max_epochs": 2}, {}, STEPS_PER_EPOCH + 2),
+}
 
 
 class Killed(RuntimeError):
@@ -48,6 +63,7 @@ def _run(
     plugin_cls: type[Plugin] | None,
     callback_cls: type[Callback] | None,
     extra_callbacks: list[Callback],
+    bound: dict[str, int],
     ckpt_path: Path | None = None,
 ) -> LitplugModule:
     L.seed_everything(0)
@@ -62,7 +78,8 @@ def _run(
     if callback_cls is not None:
         callbacks.append(callback_cls.example())  # type: ignore[attr-defined]
     trainer = quiet_trainer(
-        max_steps=TOTAL_STEPS,
+        **bound,
+        limit_train_batches=STEPS_PER_EPOCH,
         limit_val_batches=0,
         callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -75,14 +92,17 @@ def _run(
     return module
 
 
+@pytest.mark.parametrize("stop", sorted(STOPS))
 @pytest.mark.parametrize(("plugin_cls", "callback_cls"), CASES)
-def test_killed_run_resumes_to_identical_weights(plugin_cls, callback_cls, tmp_path: Path) -> None:
-    reference = _run(plugin_cls, callback_cls, [])
-    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=KILL_AT, save_top_k=-1)
-    _run(plugin_cls, callback_cls, [saver, KillAtStep(KILL_AT + 1)])
-    checkpoint = tmp_path / f"epoch=0-step={KILL_AT}.ckpt"
+def test_killed_run_resumes_to_identical_weights(plugin_cls, callback_cls, stop: str, tmp_path: Path) -> None:
+    bound, saving, kill_at = STOPS[stop]
+    reference = _run(plugin_cls, callback_cls, [], bound)
+    saver = ModelCheckpoint(dirpath=tmp_path, **saving)
+    _run(plugin_cls, callback_cls, [saver, KillAtStep(kill_at)], bound)
+    saved_at = kill_at - 1 if stop == "mid-epoch" else STEPS_PER_EPOCH
+    checkpoint = tmp_path / f"epoch=0-step={saved_at}.ckpt"
     assert checkpoint.exists(), sorted(p.name for p in tmp_path.iterdir())
-    resumed = _run(plugin_cls, callback_cls, [], ckpt_path=checkpoint)
+    resumed = _run(plugin_cls, callback_cls, [], bound, ckpt_path=checkpoint)
     expected = reference.state_dict()
     got = resumed.state_dict()
     assert expected.keys() == got.keys()

@@ -1,0 +1,56 @@
+"""Repairs Lightning's loop state in a checkpoint saved in ``on_train_epoch_end``.
+
+``ModelCheckpoint`` saves at the end of every epoch by default, from ``on_train_epoch_end``: the
+epoch's batches are done and its ``processed`` count is up, but ``completed`` is not yet. Lightning
+2.6 restores that state correctly when ``max_epochs`` bounds the run. When ``max_steps`` does
+(iteration-based training), it treats the epoch as unfinished. It then trains one extra batch (the
+loader's first) in the finished epoch, runs ``on_train_epoch_end`` a second time, steps
+epoch-interval schedulers once more, and passes every later epoch a sampler epoch one too high.
+A resumed run then differs from the uninterrupted one (upstream: Lightning#19403, #19617).
+
+:func:`close_finished_epoch` moves such a state to the one Lightning has at the next epoch's
+start: the epoch completed, the per-epoch counters at zero. Lightning then resumes exactly, with
+either bound. Plain dicts in, no Lightning import: the layout is ``Trainer.fit_loop.state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EVENTS = ("ready", "started", "processed", "completed")
+
+
+def close_finished_epoch(loops: dict[str, Any]) -> bool:
+    """Mark an epoch saved after its last batch, inside its epoch-end hooks, as completed.
+
+    ``loops`` is a checkpoint's ``"loops"`` entry, changed in place. Returns whether it changed:
+    only a fit loop whose epoch counts read ``ready == started == processed == completed + 1`` and
+    whose last batch was trained qualifies. An epoch cut short (``max_time``, early stopping) is
+    left as Lightning wrote it: resuming starts the next epoch, as Lightning intends.
+    """
+    fit = loops.get("fit_loop")
+    if not isinstance(fit, dict) or "epoch_progress" not in fit:
+        return False
+    epochs = fit["epoch_progress"]
+    total = epochs["total"]
+    in_epoch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+    if not (in_epoch_end and fit["epoch_loop.batch_progress"]["is_last_batch"]):
+        return False
+    for counts in (epochs["total"], epochs["current"]):
+        counts["completed"] = counts["processed"]
+    # what TrainingEpochLoop.reset does when a new epoch starts
+    batches = fit["epoch_loop.batch_progress"]
+    _zero(batches["current"])
+    batches["is_last_batch"] = False
+    _zero(fit["epoch_loop.scheduler_progress"]["current"])
+    for progress in fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"].values():
+        _zero(progress["current"])
+    _zero(fit["epoch_loop.manual_optimization.optim_step_progress"]["current"])
+    _zero(fit["epoch_loop.val_loop.batch_progress"]["total"])
+    return True
+
+
+def _zero(counts: dict[str, int]) -> None:
+    for event in _EVENTS:
+        if event in counts:
+            counts[event] = 0

@@ -90,6 +90,13 @@ class LitplugCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resume_checkpoint(self.trainer)
+            if self.trainer.is_global_zero:
+                found = kwargs["ckpt_path"]
+                print(
+                    f"litplug fit: --ckpt_path last resumes from {found}"
+                    if found
+                    else "litplug fit: --ckpt_path last found no checkpoint of this config; training from the start"
+                )
         self.trainer.fit(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -195,19 +202,44 @@ def add_preemption_checkpoint(trainer: L.Trainer) -> None:
     callbacks.append(PreemptionCheckpoint(dirpath=trainer.default_root_dir))
 
 
-def resume_checkpoint(trainer: L.Trainer) -> str:
-    """What ``--ckpt_path last`` resumes from: the newest of the preemption checkpoints and the
-    ``ModelCheckpoint`` ``last.ckpt`` files; ``"last"`` (Lightning's own choice, a fresh start when
-    there is none) when no preemption checkpoint exists."""
+def resume_checkpoint(trainer: L.Trainer) -> str | None:
+    """What ``--ckpt_path last`` resumes from: the newest checkpoint this config has saved.
+
+    Lightning's own ``"last"`` looks only for ``last.ckpt`` in the *current* run's checkpoint folder.
+    With a logger that numbers its runs (``version_N``, CSV and TensorBoard), each run writes to a
+    new folder, so a run killed without a preemption checkpoint (SIGKILL, a lost node) and started
+    again with ``--ckpt_path last`` silently trained from scratch. The candidates here are the
+    preemption checkpoints and every checkpoint in each ``ModelCheckpoint``'s folders (all
+    ``version_N`` runs of the logger's experiment when the folder comes from the logger); the most
+    recently written wins. ``None`` (train from the start) when there is none.
+    """
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
-    preempted = [c.checkpoint_path(trainer) for c in callbacks if isinstance(c, PreemptionCheckpoint)]
-    candidates = {path for path in preempted if get_filesystem(path).exists(path)}
-    if not candidates:
-        return "last"
+    candidates = {c.checkpoint_path(trainer) for c in callbacks if isinstance(c, PreemptionCheckpoint)}
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
-            candidates |= callback._find_last_checkpoints(trainer)  # what Lightning's "last" looks at
-    return max(candidates, key=lambda path: get_filesystem(path).modified(path))
+            candidates |= callback._find_last_checkpoints(trainer)  # Lightning's "last": any filesystem
+            for folder in _checkpoint_folders(trainer, callback):
+                candidates |= {str(path) for path in folder.glob(f"*{callback.FILE_EXTENSION}")}
+    existing = [path for path in candidates if get_filesystem(path).exists(path)]
+    if not existing:
+        return None
+    # ties (coarse file-system clocks) are files saved at the same step; the name makes it stable
+    return max(existing, key=lambda path: (get_filesystem(path).modified(path), path))
+
+
+def _checkpoint_folders(trainer: L.Trainer, callback: ModelCheckpoint) -> list[Path]:
+    """The local folders ``callback`` saves to in runs of this config, as Lightning derives them."""
+    if callback.dirpath is not None:
+        return [] if "://" in str(callback.dirpath) else [Path(callback.dirpath)]
+    if not trainer.loggers:
+        return [Path(trainer.default_root_dir) / "checkpoints"]
+    logger = trainer.loggers[0]
+    experiment = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+    if "://" in str(experiment):
+        return []
+    if isinstance(logger.version, str):  # a fixed version (or a W&B run id): this run's folder only
+        return [experiment / logger.version / "checkpoints"]
+    return sorted(experiment.glob("version_*/checkpoints"))
 
 
 def _predict_test_split_if_no_predict_data(datamodule: L.LightningDataModule) -> bool:

@@ -82,7 +82,11 @@ def _litplug_fit(root: Path, *extra: str, launcher: Sequence[str] = ()) -> subpr
 
 
 def _final_state(root: Path, name: str = FINAL) -> dict[str, Any]:
-    checkpoint = torch.load(root / "ckpts" / name, map_location="cpu", weights_only=False)
+    return _training_state(root / "ckpts" / name)
+
+
+def _training_state(path: Path) -> dict[str, Any]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     state = {key: checkpoint[key] for key in ("state_dict", "optimizer_states", "global_step")}
     # ModelCheckpoint's own state is paths in this run's directory
     state["callbacks"] = {
@@ -146,6 +150,40 @@ def test_a_signalled_litplug_fit_resumes_from_last_to_identical_state(
     assert restored and restored[0].endswith(resumed_from), restored
     assert not preempted.exists(), "a completed fit removes the superseded preemption checkpoint"
     assert_same_state(uninterrupted, _final_state(tmp_path), stop)
+
+
+# As the shipped configs checkpoint: Lightning's default ModelCheckpoint (the latest epoch end) in
+# the folder of a CSVLogger that numbers its runs, so a restarted run writes to a new version_N.
+VERSIONED_CONFIG = CONFIG.replace("  logger: false\n", "").replace(
+    "  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+    "      init_args: {{dirpath: {root}/ckpts, every_n_train_steps: 3, save_top_k: -1, save_last: true}}\n",
+    "  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
+    "    init_args: {{save_dir: {root}, name: run}}\n  callbacks:\n",
+)
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_finds_the_epoch_checkpoint_of_an_earlier_logger_version(tmp_path: Path) -> None:
+    """SIGKILL saves nothing; the restarted run logs to version_1, yet resumes from version_0's
+    epoch checkpoint (Lightning's own "last" looks in version_1 only and would train from scratch)."""
+    assert "ModelCheckpoint" not in VERSIONED_CONFIG and "CSVLogger" in VERSIONED_CONFIG
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    for root in (uninterrupted, killed):
+        root.mkdir()
+        (root / "run.yaml").write_text(VERSIONED_CONFIG.format(root=root))
+    assert _litplug_fit(uninterrupted).returncode == 0
+    stopped = _litplug_fit(killed, "--trainer.callbacks+=helpers.SendSignal", *_signal("SIGKILL", at_step=7))
+    assert stopped.returncode == -signal.SIGKILL, stopped.stderr[-3000:]
+    resumed = _litplug_fit(killed, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epoch_end = killed / "run" / "version_0" / "checkpoints" / "epoch=0-step=5.ckpt"
+    assert f"--ckpt_path last resumes from {epoch_end}" in resumed.stdout, resumed.stdout[-2000:]
+    final = Path("run") / "{}" / "checkpoints" / "epoch=2-step=12.ckpt"
+    assert_same_state(
+        _training_state(uninterrupted / str(final).format("version_0")),
+        _training_state(killed / str(final).format("version_1")),
+        "resumed from an earlier version",
+    )
 
 
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp"]
@@ -274,7 +312,7 @@ def test_the_preemption_checkpoint_is_removed_by_a_completed_fit_and_kept_by_tes
 def test_ckpt_path_last_takes_the_newest_of_the_preemption_and_last_checkpoints(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[saver, PreemptionCheckpoint()])
-    assert resume_checkpoint(trainer) == "last"  # nothing preempted: Lightning's own rule
+    assert resume_checkpoint(trainer) is None  # nothing saved: train from the start
     last, preempted = tmp_path / "ckpts" / "last.ckpt", tmp_path / "preempted.ckpt"
     last.parent.mkdir()
     for older, newer in ((last, preempted), (preempted, last)):
@@ -282,6 +320,38 @@ def test_ckpt_path_last_takes_the_newest_of_the_preemption_and_last_checkpoints(
         newer.write_bytes(b"")
         os.utime(older, (1_000_000, 1_000_000))
         assert resume_checkpoint(trainer) == str(newer)
+
+
+def _touch(path: Path, mtime: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_ckpt_path_last_searches_every_numbered_version_of_the_logger_experiment(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    def newest(**logger: Any) -> str | None:
+        csv = CSVLogger(save_dir=tmp_path, name="run", **logger)
+        return resume_checkpoint(
+            L.Trainer(default_root_dir=tmp_path, logger=csv, callbacks=[ModelCheckpoint()])
+        )
+
+    assert newest() is None
+    _touch(tmp_path / "run" / "version_0" / "checkpoints" / "epoch=9-step=90.ckpt", 3_000_000)
+    latest = _touch(tmp_path / "run" / "version_1" / "checkpoints" / "epoch=2-step=20.ckpt", 4_000_000)
+    # another experiment name
+    _touch(tmp_path / "other" / "version_0" / "checkpoints" / "epoch=0-step=5.ckpt", 5_000_000)
+    _touch(tmp_path / "run" / "version_1" / "checkpoints" / "notes.txt", 6_000_000)  # not a checkpoint
+    assert newest() == str(latest)
+    # a fixed version is one folder, as Lightning resolves it
+    fixed = _touch(tmp_path / "run" / "mine" / "checkpoints" / "epoch=0-step=1.ckpt", 1_000_000)
+    assert newest(version="mine") == str(fixed)
+    # without a logger: <default_root_dir>/checkpoints
+    plain = _touch(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt", 2_000_000)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[ModelCheckpoint()])
+    assert resume_checkpoint(trainer) == str(plain)
 
 
 def test_litplug_fit_adds_a_preemption_checkpoint_unless_checkpointing_is_off_or_one_is_configured(

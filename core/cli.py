@@ -6,7 +6,8 @@
   after fitting: on the best checkpoint when a ``ModelCheckpoint`` monitors a metric, on the final
   weights otherwise.
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory (of the test
-  data when the data module has no predict data).
+  data when the data module has no predict data). ``--ckpt_path last`` is the newest checkpoint
+  of the config in any of its logger's ``version_N`` runs (:func:`resume_checkpoint`).
 - ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
   a config, the resolved plugin order.
 - ``--trace-hooks`` (or ``LITPLUG_TRACE_HOOKS=1``): log every hook call with the plugins it runs.
@@ -35,7 +36,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.discovery import available_plugins, builtin_callbacks
-from litplug.core.errors import LitplugError
+from litplug.core.errors import CheckpointError, LitplugError
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import LitplugModule
 
@@ -99,6 +100,30 @@ class LitplugCLI(LightningCLI):
                 )
         self.trainer.fit(**kwargs)
 
+    def validate(self, **kwargs: Any) -> None:
+        self.trainer.validate(**self._last_checkpoint_evaluated(kwargs))
+
+    def test(self, **kwargs: Any) -> None:
+        self.trainer.test(**self._last_checkpoint_evaluated(kwargs))
+
+    def _last_checkpoint_evaluated(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``--ckpt_path last`` for validate/test/predict: the newest checkpoint of this config.
+
+        Lightning's own "last" finds nothing in a new logger version folder and then evaluates the
+        model as initialised, silently (a test accuracy of chance, exit code 0).
+        """
+        if kwargs.get("ckpt_path") != "last":
+            return kwargs
+        found = resume_checkpoint(self.trainer)
+        if found is None:
+            raise CheckpointError(
+                f"--ckpt_path last: no checkpoint of this config to {self.subcommand} (looked in its "
+                "ModelCheckpoint folders and every version_N run of its logger); give the checkpoint's path"
+            )
+        if self.trainer.is_global_zero:
+            print(f"litplug {self.subcommand}: --ckpt_path last is {found}")
+        return {**kwargs, "ckpt_path": found}
+
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration the user gave when ``--ckpt_path`` is set.
 
@@ -141,6 +166,7 @@ class LitplugCLI(LightningCLI):
         predicts the whole, unsharded set and rank zero writes it; spawn strategies cannot return
         predictions (Lightning's limit), so nothing is written there.
         """
+        kwargs = self._last_checkpoint_evaluated(kwargs)
         datamodule = kwargs.get("datamodule")
         if datamodule is not None and kwargs.get("dataloaders") is None:
             if _predict_test_split_if_no_predict_data(datamodule) and self.trainer.is_global_zero:

@@ -208,3 +208,31 @@ def test_a_plugin_named_by_its_registry_name_gets_a_hint_with_its_class(tmp_path
     on_command_line = _config(tmp_path, extra="  fast_dev_run: true\n")
     assert _exit_code(["fit", f"--config={on_command_line}", "--model.plugins+=ghost_bn"]) == 2
     assert "its class: GhostBatchNormPlugin" in capfd.readouterr().err
+
+
+def test_evaluating_ckpt_path_last_takes_the_newest_checkpoint_of_the_config_or_refuses(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    logger = f"  logger:\n    class_path: CSVLogger\n    init_args: {{save_dir: {tmp_path}, name: run}}\n"
+    config = tmp_path / "versioned.yaml"
+    config.write_text(
+        f"model:\n  model:\n{MLP}  plugins: [{{class_path: EMA}}]\n"
+        f"trainer:\n{logger}  enable_progress_bar: false\n  max_steps: 2\n  limit_test_batches: 2\n"
+    )
+    for stage in ("test", "predict"):  # nothing trained yet: refused, not run on untrained weights
+        assert main([stage, "--config", str(config), "--ckpt_path", "last"]) == 2
+        assert f"--ckpt_path last: no checkpoint of this config to {stage}" in capfd.readouterr().err
+    assert main(["fit", "--config", str(config)]) == 0
+    (checkpoint,) = (tmp_path / "run").glob("version_*/checkpoints/*.ckpt")
+    capfd.readouterr()
+
+    def tested(ckpt_path: str) -> dict[str, float]:
+        assert main(["test", "--config", str(config), "--ckpt_path", ckpt_path]) == 0
+        (newest,) = sorted(
+            (tmp_path / "run").glob("version_*/results.json"), key=lambda p: p.stat().st_mtime
+        )[-1:]
+        return json.loads(newest.read_text())["metrics"]
+
+    # each command logs to a new version_N; the checkpoint is found in the fit's
+    assert tested("last") == tested(str(checkpoint))
+    assert f"litplug test: --ckpt_path last is {checkpoint}" in capfd.readouterr().out

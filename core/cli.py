@@ -7,7 +7,7 @@
   weights otherwise.
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory (of the test
   data when the data module has no predict data). ``--ckpt_path last`` is the newest checkpoint
-  of the config in any of its logger's ``version_N`` runs (:func:`resume_checkpoint`).
+  of the config in any of its logger's run folders (:func:`resume_checkpoint`).
 - ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
   a config, the resolved plugin order.
 - ``--trace-hooks`` (or ``LITPLUG_TRACE_HOOKS=1``): log every hook call with the plugins it runs.
@@ -118,7 +118,7 @@ class LitplugCLI(LightningCLI):
         if found is None:
             raise CheckpointError(
                 f"--ckpt_path last: no checkpoint of this config to {self.subcommand} (looked in its "
-                "ModelCheckpoint folders and every version_N run of its logger); give the checkpoint's path"
+                "ModelCheckpoint folders and every run folder of its logger); give the checkpoint's path"
             )
         if self.trainer.is_global_zero:
             print(f"litplug {self.subcommand}: --ckpt_path last is {found}")
@@ -232,12 +232,12 @@ def resume_checkpoint(trainer: L.Trainer) -> str | None:
     """What ``--ckpt_path last`` resumes from: the newest checkpoint this config has saved.
 
     Lightning's own ``"last"`` looks only for ``last.ckpt`` in the *current* run's checkpoint folder.
-    With a logger that numbers its runs (``version_N``, CSV and TensorBoard), each run writes to a
-    new folder, so a run killed without a preemption checkpoint (SIGKILL, a lost node) and started
-    again with ``--ckpt_path last`` silently trained from scratch. The candidates here are the
-    preemption checkpoints and every checkpoint in each ``ModelCheckpoint``'s folders (all
-    ``version_N`` runs of the logger's experiment when the folder comes from the logger); the most
-    recently written wins. ``None`` (train from the start) when there is none.
+    A logger gives each run a new folder (CSV and TensorBoard ``version_N``, a W&B run id), so a
+    run killed without a preemption checkpoint (SIGKILL, a lost node) and started again with
+    ``--ckpt_path last`` silently trained from scratch. The candidates here are the preemption
+    checkpoints and every checkpoint in each ``ModelCheckpoint``'s folders (every run folder of the
+    logger's experiment when the folder comes from the logger); the most recently written wins.
+    ``None`` (train from the start) when there is none.
     """
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
     candidates = {c.checkpoint_path(trainer) for c in callbacks if isinstance(c, PreemptionCheckpoint)}
@@ -263,9 +263,10 @@ def _checkpoint_folders(trainer: L.Trainer, callback: ModelCheckpoint) -> list[P
     experiment = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
     if "://" in str(experiment):
         return []
-    if isinstance(logger.version, str):  # a fixed version (or a W&B run id): this run's folder only
+    if isinstance(logger.version, str):  # a version the user fixed: that folder only
         return [experiment / logger.version / "checkpoints"]
-    return sorted(experiment.glob("version_*/checkpoints"))
+    # a new folder per run (CSV/TensorBoard version_N, a W&B run id): every run's folder
+    return sorted(experiment.glob("*/checkpoints"))
 
 
 def _predict_test_split_if_no_predict_data(datamodule: L.LightningDataModule) -> bool:

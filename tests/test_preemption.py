@@ -28,6 +28,7 @@ from helpers import (
     toy_loaders,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -329,9 +330,7 @@ def _touch(path: Path, mtime: int) -> Path:
     return path
 
 
-def test_ckpt_path_last_searches_every_numbered_version_of_the_logger_experiment(tmp_path: Path) -> None:
-    from lightning.pytorch.loggers import CSVLogger
-
+def test_ckpt_path_last_searches_every_run_folder_of_the_logger_experiment(tmp_path: Path) -> None:
     def newest(**logger: Any) -> str | None:
         csv = CSVLogger(save_dir=tmp_path, name="run", **logger)
         return resume_checkpoint(
@@ -348,6 +347,11 @@ def test_ckpt_path_last_searches_every_numbered_version_of_the_logger_experiment
     # a fixed version is one folder, as Lightning resolves it
     fixed = _touch(tmp_path / "run" / "mine" / "checkpoints" / "epoch=0-step=1.ckpt", 1_000_000)
     assert newest(version="mine") == str(fixed)
+    # W&B names each run's folder by its run id
+    wandb = WandbLogger(save_dir=str(tmp_path), project="proj", offline=True)
+    in_a_run = _touch(tmp_path / "proj" / "0rqujklt" / "checkpoints" / "epoch=1-step=9.ckpt", 1_500_000)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=wandb, callbacks=[ModelCheckpoint()])
+    assert resume_checkpoint(trainer) == str(in_a_run)
     # without a logger: <default_root_dir>/checkpoints
     plain = _touch(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt", 2_000_000)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[ModelCheckpoint()])

@@ -110,3 +110,14 @@ def test_killed_run_resumes_to_identical_weights(plugin_cls, callback_cls, stop:
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
     for ref_plugin, res_plugin in zip(reference.plugins, resumed.plugins, strict=True):
         assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)
+
+
+def test_a_run_ended_by_max_steps_at_an_epoch_end_continues_as_the_longer_run(tmp_path: Path) -> None:
+    """Lightning#19617: continued with a larger ``max_steps``, Lightning 2.6.6 trained an extra batch
+    in the finished epoch and re-ran its end hooks; repaired by ``close_finished_epoch``."""
+    longer = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2})
+    _run(None, None, [ModelCheckpoint(dirpath=tmp_path)], {"max_steps": 2 * STEPS_PER_EPOCH})
+    checkpoint = tmp_path / f"epoch=1-step={2 * STEPS_PER_EPOCH}.ckpt"
+    continued = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2}, ckpt_path=checkpoint)
+    for key, value in longer.state_dict().items():
+        assert torch.equal(value, continued.state_dict()[key]), f"{key} differs"

@@ -153,6 +153,27 @@ def test_a_signalled_litplug_fit_resumes_from_last_to_identical_state(
     assert_same_state(uninterrupted, _final_state(tmp_path), stop)
 
 
+@pytest.mark.slow
+def test_sigterm_inside_a_gradient_accumulation_window_stops_at_its_optimizer_step(tmp_path: Path) -> None:
+    """Stopping after the first of two accumulated batches would lose its gradient (no checkpoint
+    holds .grad): the run stops after the second, and resumes exactly."""
+    accumulating = ["--trainer.accumulate_grad_batches=2", "--trainer.max_steps=6"]
+    final = "epoch=1-step=6.ckpt"  # 3 optimizer steps per epoch: batches (0, 1), (2, 3), (4)
+    assert _litplug_fit(tmp_path / "uninterrupted", *accumulating).returncode == 0
+    stopped_root = tmp_path / "stopped"
+    # global step 1 starts at batch 2, the first of its window
+    stopped = _litplug_fit(
+        stopped_root, *accumulating, "--trainer.callbacks+=helpers.SendSignal", *_signal("SIGTERM", at_step=1)
+    )
+    assert stopped.returncode == SIGTERM_EXIT_CODE, stopped.stderr[-3000:]
+    assert "the state after step 2 is saved" in stopped.stderr, stopped.stderr[-3000:]
+    resumed = _litplug_fit(stopped_root, *accumulating, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(
+        _final_state(tmp_path / "uninterrupted", final), _final_state(stopped_root, final), "accumulating"
+    )
+
+
 # As the shipped configs checkpoint: Lightning's default ModelCheckpoint (the latest epoch end) in
 # the folder of a CSVLogger that numbers its runs, so a restarted run writes to a new version_N.
 VERSIONED_CONFIG = CONFIG.replace("  logger: false\n", "").replace(

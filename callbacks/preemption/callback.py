@@ -41,11 +41,11 @@ class PreemptionCheckpoint(Callback):
         filename: its name, without ``.ckpt``.
 
     During the training loop the first SIGTERM or Ctrl-C (SIGINT) stops the run at the end of the
-    current batch and saves; a second Ctrl-C stops at once without saving (Lightning's own
-    KeyboardInterrupt handling). Resume with ``--ckpt_path <dirpath>/preempted.ckpt``, or with
-    ``--ckpt_path last``: ``litplug fit`` then takes the newest of this file and the
-    ``ModelCheckpoint`` ``last.ckpt`` files, and starts afresh when there is none (so a requeued
-    job can always pass it). A fit that completes removes the file, so ``last`` never picks a
+    current batch (with gradient accumulation, of the batch that steps the optimizer) and saves;
+    a second Ctrl-C stops at once without saving (Lightning's own KeyboardInterrupt handling).
+    Resume with ``--ckpt_path <dirpath>/preempted.ckpt``, or with ``--ckpt_path last``:
+    ``litplug fit`` then takes the newest of this file and the config's other checkpoints, and
+    starts afresh when there is none (so a requeued job can always pass it). A fit that completes removes the file, so ``last`` never picks a
     superseded one; ``validate``/``test`` keep it.
 
     Not a subclass of Lightning's ``OnExceptionCheckpoint`` on purpose: with one of those in the
@@ -101,14 +101,18 @@ class PreemptionCheckpoint(Callback):
         self._noted = signal.Signals(signum)
         if signum == signal.SIGINT and self._announce:
             print(
-                "\nlitplug: Ctrl-C: stopping at the end of this batch and saving a checkpoint "
+                "\nlitplug: Ctrl-C: stopping at the end of this training step and saving a checkpoint "
                 "(Ctrl-C again stops at once, without one)",
                 file=sys.stderr,
                 flush=True,
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.strategy.reduce_boolean_decision(self._noted is not None, all=False):  # any rank
+        noted_anywhere = trainer.strategy.reduce_boolean_decision(self._noted is not None, all=False)
+        # Within a gradient-accumulation window the summed gradients are in no checkpoint: a stop
+        # there would resume without them. Wait for the batch that steps the optimizer (the same
+        # on every rank; the all-reduce above runs at every batch either way).
+        if noted_anywhere and not trainer.fit_loop.epoch_loop._should_accumulate():
             # Lightning's own flag, on every rank: all stop where Lightning stops for SIGTERM, at
             # the end of this batch (SIGTERMException), and on_exception below saves there.
             type(self).stop_signal = self._noted or signal.SIGTERM  # SIGTERM: forwarded by a rank

@@ -18,6 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 _EVENTS = ("ready", "started", "processed", "completed")
+_REPAIRED_KEYS = (
+    "epoch_progress",
+    "epoch_loop.batch_progress",
+    "epoch_loop.scheduler_progress",
+    "epoch_loop.automatic_optimization.optim_progress",
+    "epoch_loop.manual_optimization.optim_step_progress",
+    "epoch_loop.val_loop.batch_progress",
+)
 
 
 def close_finished_epoch(loops: dict[str, Any]) -> bool:
@@ -29,8 +37,8 @@ def close_finished_epoch(loops: dict[str, Any]) -> bool:
     left as Lightning wrote it: resuming starts the next epoch, as Lightning intends.
     """
     fit = loops.get("fit_loop")
-    if not isinstance(fit, dict) or "epoch_progress" not in fit:
-        return False
+    if not isinstance(fit, dict) or not all(key in fit for key in _REPAIRED_KEYS):
+        return False  # not a fit loop, or one of another Lightning version's layout: leave it
     epochs = fit["epoch_progress"]
     total = epochs["total"]
     in_epoch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1

@@ -70,3 +70,6 @@ def test_mid_epoch_and_cut_short_states_are_left_as_lightning_wrote_them() -> No
         assert not close_finished_epoch(loops)
         assert loops == before
     assert not close_finished_epoch({})  # a checkpoint without loop state (weights only)
+    other_layout = _captured(max_epochs=1).epoch_end[0]
+    del other_layout["fit_loop"]["epoch_loop.scheduler_progress"]
+    assert not close_finished_epoch(other_layout)  # another Lightning's layout: left alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -147,7 +148,9 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _fit(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = None) -> list[list[int]]:
+def _fit(
+    tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = None, batch_size: int = 8
+) -> list[list[int]]:
     model = _Recorder()
     trainer = L.Trainer(
         max_epochs=2,
@@ -159,7 +162,7 @@ def _fit(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = No
         callbacks=callbacks,
         default_root_dir=tmp_path,
     )
-    trainer.fit(model, _IndexData(batch_size=8, seed=5), ckpt_path=ckpt_path)
+    trainer.fit(model, _IndexData(batch_size=batch_size, seed=5), ckpt_path=ckpt_path)
     return model.seen
 
 
@@ -179,6 +182,26 @@ def test_lightning_resume_mid_epoch_continues_exactly(tmp_path: Path) -> None:
     for step in (3, 5, 6):
         resumed = _fit(tmp_path, [], ckpt_path=str(ckpt_dir / f"step={step}.ckpt"))
         assert resumed == full[step:], f"resume from step {step}"
+
+
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+def test_resuming_mid_epoch_with_another_batch_size_warns_that_the_order_is_cut_differently(
+    tmp_path: Path,
+) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    _fit(
+        tmp_path, [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}")]
+    )
+    changed = "resuming mid-epoch \\(after 3 batches\\) with 1 process\\(es\\) x batch 4, but the checkpoint was saved with 1 x 8"
+    with pytest.warns(UserWarning, match=changed):
+        _fit(tmp_path, [], ckpt_path=str(ckpt_dir / "step=3.ckpt"), batch_size=4)
+    # with the same shape the skip is exact, mid-epoch or after an epoch's last batch: no warning
+    for step, batch_size in ((3, 8), (5, 8)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(tmp_path, [], ckpt_path=str(ckpt_dir / f"step={step}.ckpt"), batch_size=batch_size)
+        assert not [w for w in caught if "cut differently" in str(w.message)], (step, batch_size)
 
 
 # ---------------------------------------------------------------- digits

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["LitplugDataModule", "ResumableBatchSampler"]
@@ -166,6 +167,16 @@ class LitplugDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset[Any]] = {}  # "train"/"val"/"test", filled by setup()
+        self._saved_order: dict[str, Any] = {}  # the order's shape in a checkpoint being resumed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shape of the training order (Lightning keeps it in checkpoints): a run restarted
+        mid-epoch can only skip exactly the batches already trained on if it is unchanged."""
+        world_size, _ = self._world()
+        return {"world_size": world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_order = dict(state_dict)
 
     def _dataset(self, name: str) -> Dataset[Any]:
         if not self.datasets:
@@ -224,7 +235,22 @@ class LitplugDataModule(L.LightningDataModule):
         elif limit is not None:
             epoch_len = int(epoch_len * float(limit))
         # A checkpoint taken after the epoch's last batch resumes at the next epoch: skip nothing.
-        return done if done < epoch_len else 0
+        if done >= epoch_len:
+            return 0
+        self._warn_if_the_order_changed(done)
+        return done
+
+    def _warn_if_the_order_changed(self, done: int) -> None:
+        saved, now = self._saved_order, self.state_dict()
+        if not saved or all(saved.get(key) == value for key, value in now.items()):
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: resuming mid-epoch (after {done} batches) with "
+            f"{now['world_size']} process(es) x batch {now['batch_size']}, but the checkpoint was "
+            f"saved with {saved.get('world_size')} x {saved.get('batch_size')}: the rest of this "
+            "epoch is cut differently, so some of its examples are trained on twice or not at all. "
+            "Resume with the same devices and batch size, or from an epoch-end checkpoint."
+        )
 
     def _loader_generator(self) -> torch.Generator:
         # DataLoader draws its worker base seed from this generator; without one it would draw

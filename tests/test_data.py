@@ -388,3 +388,22 @@ def test_ranks_together_see_the_single_device_batches(dataset_size: int) -> None
     for step, (first, second) in enumerate(zip(*ranks, strict=True)):
         if dataset_size % 2 == 0 or step < len(single) - 1:  # odd sizes pad the final batch
             assert first + second == single[step]  # contiguous slices, rank order
+
+
+def test_the_train_loader_under_ddp_needs_lightnings_distributed_sampler_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a Python script Lightning's default would wrap the self-sharding sampler and fail inside
+    Lightning (a TypeError about ResumableBatchSampler's arguments); the loader says what to set."""
+    monkeypatch.setattr(LitplugDataModule, "_world", lambda self: (2, 0))  # rank 0 of 2 processes
+    for use_distributed_sampler in (True, False):
+        data = DigitsDataModule(batch_size=64, form="flat")
+        data.trainer = L.Trainer(
+            accelerator="cpu", logger=False, use_distributed_sampler=use_distributed_sampler
+        )
+        if use_distributed_sampler:
+            with pytest.raises(ValueError, match="create the Trainer with use_distributed_sampler=False"):
+                data.train_dataloader()
+        else:
+            sampler = data.train_dataloader().batch_sampler
+            assert isinstance(sampler, ResumableBatchSampler) and sampler.num_replicas == 2

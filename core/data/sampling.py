@@ -252,6 +252,16 @@ class LitplugDataModule(L.LightningDataModule):
             "Resume with the same devices and batch size, or from an epoch-end checkpoint."
         )
 
+    def _require_own_sharding(self, world_size: int) -> None:
+        """The loader shards itself; Lightning's replacement sampler would fail deep inside it."""
+        trainer = self.trainer
+        if world_size > 1 and trainer is not None and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                f"{type(self).__name__} shards its training data across processes itself "
+                "(ResumableBatchSampler): create the Trainer with use_distributed_sampler=False "
+                "(litplug's CLI sets it)"
+            )
+
     def _loader_generator(self) -> torch.Generator:
         # DataLoader draws its worker base seed from this generator; without one it would draw
         # from (and so advance) the global RNG every time a loader is iterated.
@@ -267,6 +277,7 @@ class LitplugDataModule(L.LightningDataModule):
         arguments (e.g. ``collate_fn``) go to the DataLoader.
         """
         world_size, rank = self._world()
+        self._require_own_sharding(world_size)
         sampler = ResumableBatchSampler(
             dataset_size=len(dataset),  # type: ignore[arg-type]
             batch_size=self.batch_size,

@@ -89,6 +89,7 @@ class LitplugCLI(LightningCLI):
         return trainer
 
     def fit(self, **kwargs: Any) -> None:
+        _require_checkpoint_file(kwargs.get("ckpt_path"))
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resume_checkpoint(self.trainer)
             if self.trainer.is_global_zero:
@@ -112,6 +113,7 @@ class LitplugCLI(LightningCLI):
         Lightning's own "last" finds nothing in a new logger version folder and then evaluates the
         model as initialised, silently (a test accuracy of chance, exit code 0).
         """
+        _require_checkpoint_file(kwargs.get("ckpt_path"))
         if kwargs.get("ckpt_path") != "last":
             return kwargs
         found = resume_checkpoint(self.trainer)
@@ -226,6 +228,20 @@ def add_preemption_checkpoint(trainer: L.Trainer) -> None:
     if trainer.checkpoint_callback is None or any(isinstance(c, savers) for c in callbacks):
         return
     callbacks.append(PreemptionCheckpoint(dirpath=trainer.default_root_dir))
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves itself
+
+
+def _require_checkpoint_file(ckpt_path: object) -> None:
+    """A local ``--ckpt_path`` that does not exist fails here, not in Lightning's restore after setup."""
+    if not isinstance(ckpt_path, (str, os.PathLike)):
+        return
+    path = os.fspath(ckpt_path)
+    if path in LIGHTNING_CKPT_NAMES or path.startswith("registry") or "://" in path:
+        return
+    if not os.path.exists(path):  # a folder is a checkpoint too (FSDP/DeepSpeed sharded ones)
+        raise CheckpointError(f"--ckpt_path {path}: no such checkpoint file")
 
 
 def resume_checkpoint(trainer: L.Trainer) -> str | None:

@@ -236,3 +236,10 @@ def test_evaluating_ckpt_path_last_takes_the_newest_checkpoint_of_the_config_or_
     # each command logs to a new version_N; the checkpoint is found in the fit's
     assert tested("last") == tested(str(checkpoint))
     assert f"litplug test: --ckpt_path last is {checkpoint}" in capfd.readouterr().out
+
+
+def test_a_missing_checkpoint_file_fails_before_the_model_is_set_up(tmp_path: Path, capfd) -> None:
+    for stage in ("fit", "validate", "test", "predict"):
+        assert main([stage, "--config", _config(tmp_path), "--ckpt_path", "missing.ckpt"]) == 2
+        err = capfd.readouterr().err
+        assert "--ckpt_path missing.ckpt: no such checkpoint file" in err and "Traceback" not in err, stage

@@ -11,6 +11,11 @@ A resumed run then differs from the uninterrupted one (upstream: Lightning#19403
 :func:`close_finished_epoch` moves such a state to the one Lightning has at the next epoch's
 start: the epoch completed, the per-epoch counters at zero. Lightning then resumes exactly, with
 either bound. Plain dicts in, no Lightning import: the layout is ``Trainer.fit_loop.state_dict()``.
+
+Not repaired: under ``max_steps`` with validation each epoch, Lightning's logging step
+(``_batches_that_stepped``) runs one ahead after such a resume, repaired or not (a restarted
+epoch loop's validation check at batch index -1). Only the ``step`` metrics are logged at moves;
+weights, optimizer, schedulers and data order are exact.
 """
 
 from __future__ import annotations

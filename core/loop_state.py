@@ -14,7 +14,7 @@ either bound. Plain dicts in, no Lightning import: the layout is ``Trainer.fit_l
 
 Not repaired: under ``max_steps`` with validation each epoch, Lightning's logging step
 (``_batches_that_stepped``) runs one ahead after such a resume, repaired or not (a restarted
-epoch loop's validation check at batch index -1). Only the ``step`` metrics are logged at moves;
+epoch loop's validation check at batch index -1). Only the step metrics are logged at shifts;
 weights, optimizer, schedulers and data order are exact.
 """
 

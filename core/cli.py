@@ -114,6 +114,8 @@ class LitplugCLI(LightningCLI):
         model as initialised, silently (a test accuracy of chance, exit code 0).
         """
         _require_checkpoint_file(kwargs.get("ckpt_path"))
+        if kwargs.get("ckpt_path") is None and self.trainer.is_global_zero:
+            print(f"litplug {self.subcommand}: no --ckpt_path: the model as configured, no checkpoint loaded")
         if kwargs.get("ckpt_path") != "last":
             return kwargs
         found = resume_checkpoint(self.trainer)
@@ -155,10 +157,14 @@ class LitplugCLI(LightningCLI):
         self._report("fit", metrics, tested_checkpoint)
 
     def after_validate(self) -> None:
-        self._report("validate", _scalars(self.trainer.callback_metrics))
+        self._report("validate", _scalars(self.trainer.callback_metrics), self._loaded_checkpoint())
 
     def after_test(self) -> None:
-        self._report("test", _scalars(self.trainer.callback_metrics))
+        self._report("test", _scalars(self.trainer.callback_metrics), self._loaded_checkpoint())
+
+    def _loaded_checkpoint(self) -> str | None:
+        loaded = self.trainer.ckpt_path  # what Lightning loaded, "last"/"best" resolved
+        return None if loaded is None else os.fspath(loaded)
 
     def predict(self, **kwargs: Any) -> None:
         """``litplug predict``: class probabilities for the data module's predict (by default test) data.

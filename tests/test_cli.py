@@ -162,6 +162,7 @@ def test_predict_takes_the_test_data_of_a_data_module_without_predict_data(tmp_p
     assert main(["predict", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "TrainValTestData has no predict_dataloader; predicting its test data" in out
+    assert "litplug predict: no --ckpt_path: the model as configured, no checkpoint loaded" in out
     assert "24 predictions written to" in out
     assert torch.load(tmp_path / "predictions.pt", weights_only=True)["probs"].shape == (24, 3)
 
@@ -196,6 +197,7 @@ def test_validate_prints_and_writes_its_metrics(tmp_path: Path, capsys: pytest.C
     assert "litplug validate: final metrics" in capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["stage"] == "validate" and 0.0 <= saved["metrics"]["val/acc"] <= 1.0
+    assert saved["tested_checkpoint"] == str(checkpoint)  # which weights the numbers are of
 
 
 def test_a_plugin_named_by_its_registry_name_gets_a_hint_with_its_class(tmp_path: Path, capfd) -> None:

@@ -34,6 +34,7 @@ class LRRecorder(Callback):
     def __init__(self) -> None:
         self.lrs: list[list[float]] = []
         self.after_step: list[list[float]] = []
+        self.logged_lrs: list[float | None] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = trainer.optimizers[0]
@@ -41,6 +42,8 @@ class LRRecorder(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.after_step.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+        logged = trainer.callback_metrics.get("warmup/lr")  # the warmup callback logs it before this
+        self.logged_lrs.append(None if logged is None else float(logged))
 
     @property
     def first_group(self) -> list[float]:
@@ -161,6 +164,8 @@ def test_warmup_multiplies_the_schedule(name: str) -> None:
     # Chainable schedulers (StepLR, cosine) read group["lr"]: exact equality shows no factor leaked.
     assert warm.first_group[6:] == schedule[6:]
     assert warm.after_step == plain.after_step
+    # LearningRateMonitor would show after_step (no factor); warmup/lr is the lr each step used
+    assert warm.logged_lrs[:6] == pytest.approx(warm.first_group[:6], rel=1e-6)  # logged while warming up
 
 
 def test_warmup_with_epoch_interval_scheduler() -> None:

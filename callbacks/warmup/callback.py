@@ -95,6 +95,7 @@ class LinearWarmup(Callback):
         self.step = 0  # optimizer steps taken with this callback: the warmup progress
         self.total_steps: int | None = None  # W, resolved at train start
         self.last_factor = 1.0
+        self.last_lr: float | None = None  # the first param group's lr in the last step
         self._key_args: dict[str, Any] = {"warmup_steps": warmup_steps, "warmup_epochs": warmup_epochs}
         self._handles: list[RemovableHandle] = []
         self._primary: Optimizer | None = None
@@ -169,9 +170,12 @@ class LinearWarmup(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # LearningRateMonitor reads group["lr"] outside the step, i.e. without the factor: log it here.
+        # LearningRateMonitor reads group["lr"] outside the step, i.e. without the factor: log the
+        # factor and the lr the step used here.
         if self.total_steps is not None and self.step <= self.total_steps:
             pl_module.log("warmup/factor", self.last_factor, on_step=True, on_epoch=False)
+            if self.last_lr is not None:
+                pl_module.log("warmup/lr", self.last_lr, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._detach()
@@ -203,6 +207,8 @@ class LinearWarmup(Callback):
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         factor = self.factor()
         self.last_factor = factor
+        if optimizer is self._primary:
+            self.last_lr = optimizer.param_groups[0]["lr"] * factor  # first group: what is logged
         if factor == 1.0:
             return  # after warmup the scheduled lr is used untouched
         scheduled = [group["lr"] for group in optimizer.param_groups]

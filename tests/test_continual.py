@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import assert_same_state, quiet_trainer
 from torch import nn
 
 from litplug.core.continual import (
@@ -251,3 +251,67 @@ def test_driver_rejects_a_plain_data_module() -> None:
     trainer = quiet_trainer(callbacks=[ContinualLearning()], max_steps=1)
     with pytest.raises(ContinualSetupError, match="ContinualDataModule"):
         trainer.fit(_module(MLP(64, [8], 10)), datamodule=DigitsDataModule())
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _KillAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise _Killed(f"simulated kill at step {self.step}")
+
+
+
+
+@pytest.mark.parametrize(
+    ("saving", "kill_at", "resume_from"),
+    [
+        # the end of task 0 (epoch 1): the task-end hooks (EWC's Fisher) ran before the save
+        ({}, 25, "epoch=1-step=20.ckpt"),
+        # mid-epoch in task 1
+        ({"every_n_train_steps": 5, "save_top_k": -1}, 28, "epoch=2-step=25.ckpt"),
+    ],
+    ids=["task-boundary", "mid-task"],
+)
+def test_a_killed_continual_run_resumes_to_the_same_matrix_weights_and_plugin_state(
+    saving: dict[str, Any], kill_at: int, resume_from: str, tmp_path: Path
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from litplug.plugins.ewc import EWC
+
+    def run(
+        root: Path, callbacks: list[L.Callback], ckpt_path: Path | None = None
+    ) -> tuple[Any, LitplugModule]:
+        L.seed_everything(0)
+        data = SplitDigitsDataModule(scenario="class", classes_per_task=5, epochs_per_task=2, batch_size=64)
+        module = _module(MLP(64, [32], 10, dropout=0.2), [EWC(ewc_lambda=10.0, num_samples=64)])
+        trainer = quiet_trainer(
+            callbacks=[ContinualLearning(), *callbacks],
+            default_root_dir=root,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            deterministic=True,
+        )
+        try:
+            results = fit_continual(
+                module, data, trainer=trainer, ckpt_path=str(ckpt_path) if ckpt_path else None
+            )
+        except _Killed:
+            results = None
+        return results, module
+
+    reference, uninterrupted = run(tmp_path / "reference", [])
+    saves = tmp_path / "saves"
+    run(tmp_path / "killed", [ModelCheckpoint(dirpath=saves, **saving), _KillAtStep(kill_at)])
+    resumed_results, resumed = run(tmp_path / "resumed", [], ckpt_path=saves / resume_from)
+    assert resumed_results is not None and resumed_results.matrix == reference.matrix
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    ewc_state, resumed_ewc_state = uninterrupted.plugins[0].state_dict(), resumed.plugins[0].state_dict()
+    assert_same_state(ewc_state, resumed_ewc_state, "ewc")

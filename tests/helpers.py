@@ -226,6 +226,22 @@ class DieOnRankOne(Plugin):
             raise RuntimeError("rank 1 died")
 
 
+class Killed(RuntimeError):
+    """A simulated crash, raised by :class:`KillAtStep`."""
+
+
+class KillAtStep(Callback):
+    """Simulates a crash: raises :class:`Killed` before the batch that would be optimizer step
+    ``step + 1`` (a run that saved a checkpoint at ``step`` then resumes from it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"simulated kill at step {self.step}")
+
+
 class SendSignal(Callback):
     """Sends this process a real signal at the start of a training step or of a validation epoch's
     first batch, ``times`` times: the run meets the signal handling a ``kill`` from outside would.

@@ -9,7 +9,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import assert_same_state, quiet_trainer
+from helpers import KillAtStep, Killed, assert_same_state, quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from litplug.core.continual import (
@@ -32,6 +33,7 @@ from litplug.core.hookspecs import hookimpl
 from litplug.core.models import MLP
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
+from litplug.plugins.ewc import EWC
 
 # -- metrics --------------------------------------------------------------------------------------
 
@@ -253,37 +255,13 @@ def test_driver_rejects_a_plain_data_module() -> None:
         trainer.fit(_module(MLP(64, [8], 10)), datamodule=DigitsDataModule())
 
 
-class _Killed(RuntimeError):
-    pass
-
-
-class _KillAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise _Killed(f"simulated kill at step {self.step}")
-
-
-
-
-@pytest.mark.parametrize(
-    ("saving", "kill_at", "resume_from"),
-    [
-        # the end of task 0 (epoch 1): the task-end hooks (EWC's Fisher) ran before the save
-        ({}, 25, "epoch=1-step=20.ckpt"),
-        # mid-epoch in task 1
-        ({"every_n_train_steps": 5, "save_top_k": -1}, 28, "epoch=2-step=25.ckpt"),
-    ],
-    ids=["task-boundary", "mid-task"],
-)
-def test_a_killed_continual_run_resumes_to_the_same_matrix_weights_and_plugin_state(
-    saving: dict[str, Any], kill_at: int, resume_from: str, tmp_path: Path
+def test_a_continual_run_killed_after_a_task_boundary_resumes_from_the_epoch_end_checkpoint(
+    tmp_path: Path,
 ) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from litplug.plugins.ewc import EWC
+    """Killed in task 1, resumed from the default epoch-end checkpoint at the end of task 0, saved
+    after the task-end hooks (EWC's Fisher) ran: the same accuracy matrix, weights and EWC state.
+    (test_ewc.py resumes the driver from a mid-task checkpoint.)"""
+    kill_at, resume_from = 25, "epoch=1-step=20.ckpt"  # 10 steps per task epoch
 
     def run(
         root: Path, callbacks: list[L.Callback], ckpt_path: Path | None = None
@@ -302,13 +280,13 @@ def test_a_killed_continual_run_resumes_to_the_same_matrix_weights_and_plugin_st
             results = fit_continual(
                 module, data, trainer=trainer, ckpt_path=str(ckpt_path) if ckpt_path else None
             )
-        except _Killed:
+        except Killed:
             results = None
         return results, module
 
     reference, uninterrupted = run(tmp_path / "reference", [])
     saves = tmp_path / "saves"
-    run(tmp_path / "killed", [ModelCheckpoint(dirpath=saves, **saving), _KillAtStep(kill_at)])
+    run(tmp_path / "killed", [ModelCheckpoint(dirpath=saves), KillAtStep(kill_at)])
     resumed_results, resumed = run(tmp_path / "resumed", [], ckpt_path=saves / resume_from)
     assert resumed_results is not None and resumed_results.matrix == reference.matrix
     for key, value in uninterrupted.state_dict().items():

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import KillAtStep, Killed, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
@@ -439,19 +439,6 @@ def test_ewc_reduces_forgetting_on_two_permuted_tasks() -> None:
     assert forgetting["ewc"] < 0.5 * forgetting["naive"], forgetting
 
 
-class Killed(RuntimeError):
-    pass
-
-
-class _Kill(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise Killed(f"simulated kill at step {self.step}")
-
-
 def _resumable_run(tmp_path: Path, callbacks: list[Callback], ckpt: Path | None) -> tuple[LitplugModule, Any]:
     L.seed_everything(0)
     module = _module([EWC(ewc_lambda=50.0, num_samples=200)])
@@ -474,7 +461,7 @@ def test_a_run_killed_in_task_one_resumes_to_identical_weights_and_ewc_state(tmp
     steps_per_epoch = 20  # 1257 training digits at batch 64
     kill_at = 2 * steps_per_epoch + 5  # inside task 1, after task 0's Fisher
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=kill_at - 1, save_top_k=-1)
-    _resumable_run(tmp_path, [saver, _Kill(kill_at)], None)
+    _resumable_run(tmp_path, [saver, KillAtStep(kill_at)], None)
     checkpoint = tmp_path / f"epoch=2-step={kill_at - 1}.ckpt"
     assert checkpoint.exists(), sorted(p.name for p in tmp_path.iterdir())
     resumed, res_driver = _resumable_run(tmp_path, [], checkpoint)

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import assert_same_state, example_run, quiet_trainer
+from helpers import KillAtStep, Killed, assert_same_state, example_run, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from litplug.core.discovery import available_plugins, builtin_callbacks
@@ -35,19 +35,6 @@ STOPS = {
     "epoch-end-max-steps": ({"max_steps": TOTAL_STEPS}, {}, STEPS_PER_EPOCH + 2),
     "epoch-end-max-epochs": ({"max_epochs": 2}, {}, STEPS_PER_EPOCH + 2),
 }
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise Killed(f"simulated kill at step {self.step}")
 
 
 PLUGINS = sorted(available_plugins().values(), key=lambda info: info.name)

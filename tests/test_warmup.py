@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import KillAtStep, Killed
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -257,21 +258,6 @@ def test_legw_unknown_batch_size_is_a_clear_error() -> None:
 
 
 # ---------------------------------------------------------------- resume
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAtStep(Callback):
-    """Simulates a crash: raises before the batch that would be optimizer step ``step + 1``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise Killed(f"simulated kill at step {self.step}")
 
 
 @pytest.mark.parametrize(

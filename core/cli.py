@@ -102,13 +102,14 @@ class LitplugCLI(LightningCLI):
         self.trainer.fit(**kwargs)
 
     def validate(self, **kwargs: Any) -> None:
-        self.trainer.validate(**self._last_checkpoint_evaluated(kwargs))
+        self.trainer.validate(**self._checkpoint_to_evaluate(kwargs))
 
     def test(self, **kwargs: Any) -> None:
-        self.trainer.test(**self._last_checkpoint_evaluated(kwargs))
+        self.trainer.test(**self._checkpoint_to_evaluate(kwargs))
 
-    def _last_checkpoint_evaluated(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``--ckpt_path last`` for validate/test/predict: the newest checkpoint of this config.
+    def _checkpoint_to_evaluate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The ``ckpt_path`` validate/test/predict load: a given file must exist, ``last`` is the
+        newest checkpoint of this config (an error when there is none), none is said aloud.
 
         Lightning's own "last" finds nothing in a new logger version folder and then evaluates the
         model as initialised, silently (a test accuracy of chance, exit code 0).
@@ -174,7 +175,7 @@ class LitplugCLI(LightningCLI):
         predicts the whole, unsharded set and rank zero writes it; spawn strategies cannot return
         predictions (Lightning's limit), so nothing is written there.
         """
-        kwargs = self._last_checkpoint_evaluated(kwargs)
+        kwargs = self._checkpoint_to_evaluate(kwargs)
         datamodule = kwargs.get("datamodule")
         if datamodule is not None and kwargs.get("dataloaders") is None:
             if _predict_test_split_if_no_predict_data(datamodule) and self.trainer.is_global_zero:
@@ -280,11 +281,13 @@ def _checkpoint_folders(trainer: L.Trainer, callback: ModelCheckpoint) -> list[P
     if callback.dirpath is not None:
         return [] if "://" in str(callback.dirpath) else [Path(callback.dirpath)]
     if not trainer.loggers:
-        return [Path(trainer.default_root_dir) / "checkpoints"]
+        root = str(trainer.default_root_dir)
+        return [] if "://" in root else [Path(root) / "checkpoints"]
     logger = trainer.loggers[0]
-    experiment = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
-    if "://" in str(experiment):
+    save_dir = str(logger.save_dir or trainer.default_root_dir)
+    if "://" in save_dir:  # remote: Lightning's own "last" lookup covers it (Path would mangle it)
         return []
+    experiment = Path(save_dir) / str(logger.name)
     if isinstance(logger.version, str):  # a version the user fixed: that folder only
         return [experiment / logger.version / "checkpoints"]
     # a new folder per run (CSV/TensorBoard version_N, a W&B run id): every run's folder

@@ -33,7 +33,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from litplug.callbacks.preemption import PreemptionCheckpoint
-from litplug.core.cli import SIGTERM_EXIT_CODE, add_preemption_checkpoint, resume_checkpoint
+from litplug.core.cli import (
+    SIGTERM_EXIT_CODE,
+    _checkpoint_folders,
+    add_preemption_checkpoint,
+    resume_checkpoint,
+)
 from litplug.core.module import LitplugModule
 from litplug.plugins.ema import EMA
 
@@ -351,7 +356,9 @@ def _touch(path: Path, mtime: int) -> Path:
     return path
 
 
-def test_ckpt_path_last_searches_every_run_folder_of_the_logger_experiment(tmp_path: Path) -> None:
+def test_ckpt_path_last_searches_every_run_folder_of_the_logger_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def newest(**logger: Any) -> str | None:
         csv = CSVLogger(save_dir=tmp_path, name="run", **logger)
         return resume_checkpoint(
@@ -373,6 +380,12 @@ def test_ckpt_path_last_searches_every_run_folder_of_the_logger_experiment(tmp_p
     in_a_run = _touch(tmp_path / "proj" / "0rqujklt" / "checkpoints" / "epoch=1-step=9.ckpt", 1_500_000)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=wandb, callbacks=[ModelCheckpoint()])
     assert resume_checkpoint(trainer) == str(in_a_run)
+    # a remote logger folder is left to Lightning's own lookup: as a Path, memory://runs would be the
+    # local folder memory:/runs
+    monkeypatch.chdir(tmp_path)
+    _touch(tmp_path / "memory:" / "runs" / "run" / "version_0" / "checkpoints" / "a.ckpt", 7_000_000)
+    remote = CSVLogger(save_dir="memory://runs", name="run")
+    assert _checkpoint_folders(L.Trainer(default_root_dir=tmp_path, logger=remote), ModelCheckpoint()) == []
     # without a logger: <default_root_dir>/checkpoints
     plain = _touch(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt", 2_000_000)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[ModelCheckpoint()])

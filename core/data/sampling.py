@@ -262,6 +262,11 @@ class LitplugDataModule(L.LightningDataModule):
                 "(litplug's CLI sets it)"
             )
 
+    def _overfitting(self) -> bool:
+        """Whether the attached trainer runs with ``overfit_batches`` (a debugging run)."""
+        trainer = self.trainer
+        return trainer is not None and float(trainer.overfit_batches) > 0
+
     def _loader_generator(self) -> torch.Generator:
         # DataLoader draws its worker base seed from this generator; without one it would draw
         # from (and so advance) the global RNG every time a loader is iterated.
@@ -278,6 +283,10 @@ class LitplugDataModule(L.LightningDataModule):
         """
         world_size, rank = self._world()
         self._require_own_sharding(world_size)
+        if self._overfitting():
+            # Lightning's overfit_batches trains on the same first batches every epoch: it turns off
+            # shuffling, but only by replacing a loader's sampler, which misses a batch sampler.
+            shuffle = False
         sampler = ResumableBatchSampler(
             dataset_size=len(dataset),  # type: ignore[arg-type]
             batch_size=self.batch_size,

@@ -8,8 +8,8 @@
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory (of the test
   data when the data module has no predict data). ``--ckpt_path last`` is the newest checkpoint
   of the config in any of its logger's run folders (:func:`resume_checkpoint`).
-- ``litplug plugins [--config X.yaml]``: every available plugin (name, package, summary) and, given
-  a config, the resolved plugin order.
+- ``litplug plugins [--config X.yaml ...]``: every available plugin (name, package, summary) and,
+  given a config (with any overrides, as ``fit`` takes them), the resolved plugin order.
 - ``--trace-hooks`` (or ``LITPLUG_TRACE_HOOKS=1``): log every hook call with the plugins it runs.
 """
 
@@ -349,7 +349,9 @@ def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
     print(rule)
 
 
-def list_plugins(config: str | None) -> int:
+def list_plugins(cli_args: list[str]) -> int:
+    """Print every available plugin and, given a config (with any overrides, as ``fit`` takes
+    them: ``--config X.yaml --model.plugins+=EMA``), the order its plugins resolve to."""
     registry = available_plugins()
     rows = [(info.name, info.package, info.cls.__name__, info.summary) for info in registry.values()]
     headers = ("name", "package", "class (YAML short name)", "summary")
@@ -357,16 +359,12 @@ def list_plugins(config: str | None) -> int:
     for row in [headers, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     print("\ncallbacks: " + ", ".join(f"{c.__module__}.{c.__name__}" for c in builtin_callbacks()))
-    if config:
+    if cli_args:
         with warnings.catch_warnings():  # sys.argv is `litplug plugins ...`, not these args: intended
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
-            cli = LitplugCLI(run=False, args=["--config", config, "--trainer.logger=false"])
-        print(
-            "\nresolved plugin order for "
-            + config
-            + ": "
-            + (" -> ".join(cli.model.hooks.order()) or "(none)")
-        )
+            cli = LitplugCLI(run=False, args=[*cli_args, "--trainer.logger=false"])
+        order = " -> ".join(cli.model.hooks.order()) or "(none)"
+        print(f"\nresolved plugin order for {' '.join(cli_args)}: {order}")
     return 0
 
 
@@ -376,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         args.remove(TRACE_FLAG)
         os.environ[TRACE_ENV] = "1"
     try:
-        if args and args[0] == "plugins":
-            return list_plugins(next(iter(_config_paths(args)), None))
         available_plugins()  # import every plugin so YAML can name them by class name
         try:
+            if args and args[0] == "plugins":
+                return list_plugins(args[1:])
             if argv is None:  # LightningCLI reads sys.argv itself (it warns when given args as well)
                 sys.argv[1:] = args  # without --trace-hooks; DDP's launcher reruns this command line
                 LitplugCLI()

@@ -58,6 +58,18 @@ def test_plugins_command_lists_plugins_and_resolved_order(tmp_path: Path, capsys
     assert "resolved plugin order" in out and ": counter" in out
 
 
+def test_plugins_command_applies_the_command_lines_overrides_to_the_config(tmp_path: Path, capsys) -> None:
+    """The order shown is the order `fit` with the same arguments would run: a plugin appended on
+    the command line, and a second config, count."""
+    config = _config(tmp_path, "\n    - class_path: helpers.CountingPlugin\n")
+    assert main(["plugins", "--config", config, "--model.plugins+=EMA"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": counter -> ema")
+    second = tmp_path / "ema_only.yaml"
+    second.write_text("model:\n  plugins: [{class_path: EMA}]\n")
+    assert main(["plugins", "--config", config, "--config", str(second)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": ema")
+
+
 def test_plugins_command_from_the_command_line_takes_config_equals_and_does_not_warn(
     tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         args.remove(TRACE_FLAG)
         os.environ[TRACE_ENV] = "1"
     try:
-        available_plugins()  # import every plugin so YAML can name them by class name
+        available_plugins()  # import every plugin and callback so YAML can name them by class name
+        builtin_callbacks()
         try:
             if args and args[0] == "plugins":
                 return list_plugins(args[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -222,6 +223,23 @@ def test_a_plugin_named_by_its_registry_name_gets_a_hint_with_its_class(tmp_path
     on_command_line = _config(tmp_path, extra="  fast_dev_run: true\n")
     assert _exit_code(["fit", f"--config={on_command_line}", "--model.plugins+=ghost_bn"]) == 2
     assert "its class: GhostBatchNormPlugin" in capfd.readouterr().err
+
+
+def test_litplugs_callbacks_are_named_by_class_on_the_command_line(tmp_path: Path) -> None:
+    """`--trainer.callbacks+=LinearWarmup` resolves like EarlyStopping does: jsonargparse finds a
+    short class name only among imported classes, so the CLI imports litplug's callbacks first.
+    A fresh process, because this test session has imported them already."""
+    args = [
+        *("fit", "--config", _config(tmp_path), "--print_config"),
+        *("--trainer.callbacks+=LinearWarmup", "--trainer.callbacks.warmup_steps=7"),
+    ]
+    completed = subprocess.run(
+        [sys.executable, "-m", "litplug.core.cli", *args], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    printed = completed.stdout.decode()
+    assert "class_path: litplug.callbacks.warmup.LinearWarmup" in printed
+    assert "warmup_steps: 7" in printed
 
 
 def test_evaluating_ckpt_path_last_takes_the_newest_checkpoint_of_the_config_or_refuses(

@@ -370,6 +370,7 @@ def list_plugins(cli_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    _import_from_the_working_directory()
     if TRACE_FLAG in args:
         args.remove(TRACE_FLAG)
         os.environ[TRACE_ENV] = "1"
@@ -403,6 +404,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litplug: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _import_from_the_working_directory() -> None:
+    """Let a config name a class in the directory the command runs in (``class_path: my_model.Net``).
+
+    ``python -m`` and ``python script.py`` put a directory on ``sys.path``; the ``litplug`` console
+    script only puts its own ``bin/`` there. Appended, not prepended: a local file never shadows an
+    installed package (a stray ``torch.py``), it only adds modules nothing else provides.
+    """
+    cwd = os.getcwd()
+    if not any(entry in ("", cwd) for entry in sys.path):
+        sys.path.append(cwd)
 
 
 def _destroy_process_group() -> None:

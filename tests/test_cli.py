@@ -242,6 +242,28 @@ def test_litplugs_callbacks_are_named_by_class_on_the_command_line(tmp_path: Pat
     assert "warmup_steps: 7" in printed
 
 
+def test_the_console_script_imports_a_model_from_the_directory_it_runs_in(tmp_path: Path) -> None:
+    """`class_path: my_model.Net` with my_model.py beside the config, run as the README runs litplug:
+    the `litplug` console script, whose sys.path holds its bin/ folder, not the working directory."""
+    console_script = Path(sys.executable).with_name("litplug")
+    assert console_script.is_file(), "the package's console script is not installed"
+    (tmp_path / "my_model.py").write_text(
+        "import torch.nn as nn\n\n\nclass Net(nn.Sequential):\n"
+        "    def __init__(self, hidden: int = 8) -> None:\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n"
+    )
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        "model:\n  model: {class_path: my_model.Net, init_args: {hidden: 5}}\n"
+        "trainer: {max_steps: 2, logger: false, enable_checkpointing: false, enable_progress_bar: false}\n"
+    )
+    completed = subprocess.run(
+        [str(console_script), "fit", "--config", str(config)], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["train/loss"] > 0
+
+
 def test_evaluating_ckpt_path_last_takes_the_newest_checkpoint_of_the_config_or_refuses(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

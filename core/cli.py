@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import signal
 import sys
 import warnings
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,12 @@ from litplug.core.module import LitplugModule
 TRACE_FLAG = "--trace-hooks"
 SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N in the shell
 SIGTERM_EXIT_CODE = SIGNAL_EXIT_BASE + signal.SIGTERM  # 143
+DESCRIPTION = (
+    "litplug: published training methods as composable plugins for PyTorch Lightning. "
+    "Subcommands fit, validate, test and predict are LightningCLI's; "
+    "'litplug plugins [--config X.yaml ...]' lists every available plugin and the order a config's "
+    "plugins run in. --trace-hooks logs every hook call; --version prints the versions in use."
+)
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.pt"
 
@@ -58,6 +66,7 @@ class LitplugCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module's optimizer argument does it
         # litplug's data modules shard their own batches per rank (exact resume needs their sampler).
         kwargs["trainer_defaults"] = {"use_distributed_sampler": False, **kwargs.get("trainer_defaults", {})}
@@ -371,6 +380,9 @@ def list_plugins(cli_args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _import_from_the_working_directory()
+    if args == ["--version"]:
+        print(versions())
+        return 0
     if TRACE_FLAG in args:
         args.remove(TRACE_FLAG)
         os.environ[TRACE_ENV] = "1"
@@ -404,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litplug: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def versions() -> str:
+    """litplug's version and those of what it runs on, for a bug report."""
+    stack = ", ".join(f"{name} {version(name)}" for name in ("lightning", "torch", "pluggy", "jsonargparse"))
+    return f"litplug {version('litplug')} ({stack}, Python {platform.python_version()})"
 
 
 def _import_from_the_working_directory() -> None:

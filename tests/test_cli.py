@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,19 @@ def test_fit_prints_metrics_and_writes_results(tmp_path: Path, capsys: pytest.Ca
     assert saved["global_step"] == 3
     assert 0.0 <= saved["metrics"]["test/acc"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["metrics"] == saved["metrics"]
+
+
+def test_help_names_the_plugins_command_and_version_prints_the_versions(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "litplug plugins [--config X.yaml ...]" in " ".join(capsys.readouterr().out.split())
+    assert main(["--version"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        printed.startswith(f"litplug {version('litplug')} (lightning ")
+        and f"torch {torch.__version__}" in printed
+    )
 
 
 def test_plugins_command_lists_plugins_and_resolved_order(tmp_path: Path, capsys) -> None:

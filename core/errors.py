@@ -20,6 +20,15 @@ class PluginConfigError(LitplugError, ValueError):
         super().__init__(f"plugin '{plugin}': argument '{argument}' {problem}")
 
 
+class ModuleConfigError(LitplugError, ValueError):
+    """An argument of ``LitplugModule`` itself has a value it cannot work with (at construction)."""
+
+    def __init__(self, argument: str, problem: str) -> None:
+        self.argument = argument
+        self.problem = problem
+        super().__init__(f"LitplugModule: argument '{argument}' {problem}")
+
+
 class PluginSetupError(LitplugError):
     """The set of configured plugins cannot run together or on this model (order, conflicts, features)."""
 

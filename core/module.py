@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from litplug.core import distributed
-from litplug.core.errors import CheckpointError, PluginSetupError
+from litplug.core.errors import CheckpointError, ModuleConfigError, PluginSetupError
 from litplug.core.features import get_model_feature
 from litplug.core.loop_state import close_finished_epoch
 from litplug.core.manager import PluginHooks
@@ -45,6 +45,27 @@ CHECKPOINT_FORMAT = 1
 EVAL_STAGES = ("val", "test")
 
 
+#: The ``torch.compile`` keyword arguments ``compile_model`` accepts (``model`` is the network itself).
+COMPILE_OPTIONS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+
+
+def _compile_options(compile_model: bool | dict[str, Any]) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments, or ``None`` for no compilation; bad values fail here."""
+    if isinstance(compile_model, bool):
+        return {} if compile_model else None
+    if not isinstance(compile_model, dict):
+        raise ModuleConfigError(
+            "compile_model", f"must be true/false or a dict of torch.compile options, got {compile_model!r}"
+        )
+    unknown = sorted(set(compile_model) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ModuleConfigError(
+            "compile_model",
+            f"has unknown torch.compile option(s) {unknown}; allowed: {list(COMPILE_OPTIONS)}",
+        )
+    return dict(compile_model)
+
+
 class LitplugModule(L.LightningModule):
     """Train any ``nn.Module`` with a list of plugins.
 
@@ -61,6 +82,10 @@ class LitplugModule(L.LightningModule):
             ``num_classes`` or, when it has none (a user's data module), the last dimension of
             the first prediction with integer targets; 0 turns classification metrics off.
         log_train_metrics: also compute accuracy/NLL on training batches (costs a little time).
+        compile_model: compile the network with ``torch.compile`` once the plugins' model surgery
+            has run: ``True``, or a dict of ``torch.compile`` keyword arguments (``mode``,
+            ``dynamic``, ``fullgraph``, ``backend``, ``options``). ``nn.Module.compile`` compiles in
+            place, so parameter names, checkpoints and the plugins' view of the model are unchanged.
     """
 
     def __init__(
@@ -74,6 +99,7 @@ class LitplugModule(L.LightningModule):
         scheduler_monitor: str = "val/loss",
         num_classes: int | None = None,
         log_train_metrics: bool = False,
+        compile_model: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         from_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
@@ -89,6 +115,7 @@ class LitplugModule(L.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.num_classes = num_classes
         self.log_train_metrics = log_train_metrics
+        self.compile_options = _compile_options(compile_model)
         self.hooks = PluginHooks(plugins or [])
         self._check_model_features(model)
         self.surgery_done = False
@@ -125,6 +152,8 @@ class LitplugModule(L.LightningModule):
         """Run every plugin's model surgery once (idempotent)."""
         if not self.surgery_done:
             self.model = self.hooks.configure_model(model=self.model, module=self)
+            if self.compile_options is not None:
+                self.model.compile(**self.compile_options)  # the model as the plugins left it
             self.surgery_done = True
 
     # -- Lightning setup --------------------------------------------------------------------------

@@ -207,14 +207,18 @@ def litplug_eval_step(
     log_probs: Tensor | None,
     targets: Tensor,
     stage: str,
+    dataloader_idx: int,
 ) -> dict[str, Tensor | float] | None:
     """Per-batch evaluation metrics (robust accuracy, member accuracy, diversity).
 
     Fires in every validation/test step after the core metrics. ``batch`` is what the model saw
     (after :func:`litplug_transform_batch`), ``raw_batch`` the batch as the dataloader gave it: an
-    attack perturbs the raw inputs through ``module.class_scores``, which applies the transforms. Returned values are logged as
-    ``<stage>/<name>`` and averaged over the epoch (weighted by batch size). Results: collected;
-    duplicate names across plugins are an error. Ranks: all; values are averaged across ranks.
+    attack perturbs the raw inputs through ``module.class_scores``, which applies the transforms.
+    ``dataloader_idx`` says which of the stage's dataloaders the batch is from (0 when there is
+    one). Returned values are logged as ``<stage>/<name>`` and averaged over the epoch (weighted by
+    batch size); with several dataloaders Lightning logs each loader's average apart, as
+    ``<stage>/<name>/dataloader_idx_<i>``. Results: collected; duplicate names across plugins are
+    an error. Ranks: all; values are averaged across ranks.
     """
 
 
@@ -222,7 +226,8 @@ def litplug_eval_step(
 def litplug_on_eval_end(module: LightningModule, stage: str) -> dict[str, float] | None:
     """A validation, test or predict epoch has ended; return epoch-level metrics if any.
 
-    Undo what :func:`litplug_on_eval_start` did (restore training weights). Results: reversed
+    Undo what :func:`litplug_on_eval_start` did (restore training weights). Once per epoch, after
+    all of the stage's dataloaders: epoch-level metrics cover them together. Results: reversed
     order, returned dicts are logged as ``<stage>/<name>`` (not in predict, where Lightning allows
     no logging). Ranks: all.
     """

@@ -200,6 +200,7 @@ class PluginHooks:
         log_probs: Tensor | None,
         targets: Tensor,
         stage: str,
+        dataloader_idx: int = 0,
     ) -> dict[str, Any]:
         kwargs = {
             "module": module,
@@ -209,6 +210,7 @@ class PluginHooks:
             "log_probs": log_probs,
             "targets": targets,
             "stage": stage,
+            "dataloader_idx": dataloader_idx,
         }
         return self._merge_named("litplug_eval_step", kwargs)
 

@@ -334,7 +334,7 @@ class LitplugModule(L.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+    def _eval_step(self, batch: Any, stage: str, dataloader_idx: int = 0) -> Tensor:
         raw_batch = batch
         batch = self.hooks.transform_batch(module=self, batch=batch, stage=stage)
         inputs, targets = self.split_batch(batch)
@@ -345,7 +345,7 @@ class LitplugModule(L.LightningModule):
         log_probs = None
         if self._classifies(stage, targets):
             log_probs = self.log_probs(outputs, stage)
-            self._update_metrics(stage, log_probs, targets)
+            self._update_metrics(stage, log_probs, targets, dataloader_idx)
         extra = self.hooks.eval_step(
             module=self,
             batch=batch,
@@ -354,6 +354,7 @@ class LitplugModule(L.LightningModule):
             log_probs=log_probs,
             targets=targets,
             stage=stage,
+            dataloader_idx=dataloader_idx,
         )
         for name, value in extra.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
@@ -365,25 +366,42 @@ class LitplugModule(L.LightningModule):
             return False
         return f"{stage}_metrics" in self.metrics or self.num_classes is None
 
-    def _update_metrics(self, stage: str, log_probs: Tensor, targets: Tensor) -> None:
+    def _update_metrics(
+        self, stage: str, log_probs: Tensor, targets: Tensor, dataloader_idx: int = 0
+    ) -> None:
         if self.num_classes is None:  # neither the config nor the data module said: the prediction's width
             self._add_metrics(log_probs.shape[-1], log_probs.device)
             rank_zero_info(
                 f"LitplugModule: classification metrics for {self.num_classes} classes, the last "
                 "dimension of the prediction (set model.num_classes, or 0 for none)"
             )
-        metrics: ClassificationMetrics = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
+        key, metrics = self._loader_metrics(stage, dataloader_idx, log_probs.device)
         metrics.update(log_probs, targets)
+        # Named explicitly: Lightning maps metric objects to attributes once, before a second
+        # loader's metrics exist.
+        attributes = {id(metric): f"metrics.{key}.{name}" for name, metric in metrics.named_modules()}
         for name, metric in metrics.metrics().items():
-            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "acc")
+            prog_bar = stage == "val" and name == "acc"
+            self.log(f"{stage}/{name}", metric, prog_bar=prog_bar, metric_attribute=attributes[id(metric)])
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "val")
+    def _loader_metrics(
+        self, stage: str, dataloader_idx: int, device: torch.device
+    ) -> tuple[str, ClassificationMetrics]:
+        """The metrics of one dataloader of a stage, and their key in ``self.metrics``: each of
+        several loaders accumulates its own (logged as ``<stage>/<name>/dataloader_idx_<i>``)."""
+        key = f"{stage}_metrics" if dataloader_idx == 0 else f"{stage}_metrics_{dataloader_idx}"
+        if key not in self.metrics:
+            self.metrics[key] = ClassificationMetrics(int(self.num_classes or 0)).to(device)
+        return key, self.metrics[key]  # type: ignore[return-value]
 
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "test")
+    # Lightning passes ``dataloader_idx`` when the data module returns several loaders for a stage.
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, "val", dataloader_idx)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, "test", dataloader_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         batch = self.hooks.transform_batch(module=self, batch=batch, stage="predict")
         inputs = self.split_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch
         return self.log_probs(self(inputs), "predict").exp()

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from litplug.core import distributed
 from litplug.core.errors import CheckpointError, ModuleConfigError, PluginSetupError
 from litplug.core.features import get_model_feature
+from litplug.core.learning_rates import set_first_group_lr
 from litplug.core.loop_state import close_finished_epoch
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
@@ -116,6 +117,7 @@ class LitplugModule(L.LightningModule):
         self.num_classes = num_classes
         self.log_train_metrics = log_train_metrics
         self.compile_options = _compile_options(compile_model)
+        self._lr_override: float | None = None  # set through ``lr`` (Lightning's LearningRateFinder)
         self.hooks = PluginHooks(plugins or [])
         self._check_model_features(model)
         self.surgery_done = False
@@ -191,8 +193,36 @@ class LitplugModule(L.LightningModule):
     def configure_model(self) -> None:
         self.apply_surgery()
 
+    # -- the learning rate as Lightning's LearningRateFinder sees it ---------------------------------
+
+    @property
+    def lr(self) -> float | None:
+        """The live optimizer's first param-group lr; before one exists, the lr last set (or ``None``).
+
+        Lightning's ``LearningRateFinder`` (callback or ``Tuner.lr_find``) reads and sets ``lr``.
+        Setting it rescales every param group's lrs and the schedulers' base lrs by
+        ``lr / old lr``, so group ratios and the schedule's shape are kept, and it is applied to
+        the optimizers ``configure_optimizers`` makes from then on (a fit after ``Tuner.lr_find``).
+        """
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        return float(optimizers[0].param_groups[0]["lr"]) if optimizers else self._lr_override
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModuleConfigError("lr", f"must be a number > 0, got {value!r}")
+        self._lr_override = float(value)
+        if self._trainer is not None:
+            for optimizer in self._trainer.optimizers:
+                configs = [
+                    c for c in self._trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer
+                ]
+                set_first_group_lr(optimizer, [c.scheduler for c in configs], self._lr_override)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
+        if self._lr_override is not None:  # before the scheduler reads the groups' initial lrs
+            set_first_group_lr(optimizer, [], self._lr_override)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from litplug.core.errors import LitplugError
+from litplug.core.learning_rates import scale_group_lrs, scale_scheduler_lrs
 
 from .functional import (
     LR_SCALING_RULES,
@@ -39,10 +40,6 @@ __all__ = ["LEGW", "LinearWarmup", "WarmupConfigError"]
 # Marker stored in each param group LEGW scaled; it travels in the optimizer's state_dict, so a
 # resumed run (or a second fit of the same optimizer) never scales the group twice.
 LEGW_GROUP_KEY = "legw_lr_scale"
-# Param-group keys that hold learning rates (OneCycleLR keeps max_lr/min_lr/initial_lr there).
-_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-# Scheduler attributes that hold learning rates derived from the base lr.
-_SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "_last_lr")
 
 
 class WarmupConfigError(LitplugError, ValueError):
@@ -412,30 +409,15 @@ def _scale_learning_rates(trainer: L.Trainer, scale: float) -> bool:
     for optimizer in trainer.optimizers:
         fresh = [group for group in optimizer.param_groups if LEGW_GROUP_KEY not in group]
         for group in fresh:
-            for key in _GROUP_LR_KEYS:
-                if key in group and group[key] is not None:
-                    group[key] = group[key] * scale
+            scale_group_lrs(group, scale)
             group[LEGW_GROUP_KEY] = scale
         if fresh:
             scaled_optimizers.append(optimizer)
     seen: set[int] = set()
     for config in trainer.lr_scheduler_configs:
         if any(getattr(config.scheduler, "optimizer", None) is opt for opt in scaled_optimizers):
-            _scale_scheduler(config.scheduler, scale, seen)
+            scale_scheduler_lrs(config.scheduler, scale, seen)
     return bool(scaled_optimizers)
-
-
-def _scale_scheduler(scheduler: Any, scale: float, seen: set[int]) -> None:
-    """Scale a scheduler's stored lrs (and those of SequentialLR/ChainedScheduler children) once."""
-    if id(scheduler) in seen:
-        return
-    seen.add(id(scheduler))
-    for attr in _SCHEDULER_LR_ATTRS:
-        values = getattr(scheduler, attr, None)
-        if isinstance(values, list):
-            setattr(scheduler, attr, [v * scale for v in values])
-    for child in getattr(scheduler, "_schedulers", []) or []:
-        _scale_scheduler(child, scale, seen)
 
 
 def _log_run_config(trainer: L.Trainer, values: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -149,11 +150,15 @@ class _Recorder(L.LightningModule):
 
 
 def _fit(
-    tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = None, batch_size: int = 8
+    tmp_path: Path,
+    callbacks: list[L.Callback],
+    ckpt_path: str | None = None,
+    batch_size: int = 8,
+    **trainer_kwargs: Any,
 ) -> list[list[int]]:
     model = _Recorder()
     trainer = L.Trainer(
-        max_epochs=2,
+        **{"max_epochs": 2, **trainer_kwargs},
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
@@ -207,21 +212,9 @@ def test_resuming_mid_epoch_with_another_batch_size_warns_that_the_order_is_cut_
 def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path: Path) -> None:
     """Lightning's overfit_batches turns shuffling off by swapping a loader's sampler, which does not
     reach a batch sampler; the loader itself keeps the order fixed, as Lightning would."""
-    model = _Recorder()
-    trainer = L.Trainer(
-        max_epochs=3,
-        overfit_batches=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, _IndexData(batch_size=8, seed=5))
+    seen = _fit(tmp_path, [], max_epochs=3, overfit_batches=2, enable_checkpointing=False)
     first_two = [list(range(0, 8)), list(range(8, 16))]
-    assert model.seen == first_two * 3
+    assert seen == first_two * 3
 
 
 # ---------------------------------------------------------------- digits

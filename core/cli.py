@@ -379,7 +379,8 @@ def list_plugins(cli_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    _import_from_the_working_directory()
+    if argv is None:  # the command line; a Python caller of main() keeps its own sys.path
+        _import_from_the_working_directory()
     if args == ["--version"]:
         print(versions())
         return 0

@@ -74,6 +74,7 @@ class LitplugCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"data": {"class_path": "litplug.core.data.DigitsDataModule"}})
+        _parse_batch_limits_as_int_first(parser)
         parser.add_argument(
             "--results_path", type=str | None, default=None, help="Also write results JSON here."
         )
@@ -234,6 +235,22 @@ class LitplugCLI(LightningCLI):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             print(f"results written to {path}")
+
+
+#: Trainer arguments where an int counts batches and a float is a fraction of them.
+BATCH_LIMITS = tuple(f"trainer.limit_{stage}_batches" for stage in ("train", "val", "test", "predict"))
+
+
+def _parse_batch_limits_as_int_first(parser: Any) -> None:
+    """``limit_val_batches: 1`` means one batch, as Lightning documents, not 1.0 (all of them).
+
+    Lightning 2.6 annotates these ``Union[float, int, None]``; jsonargparse tries the types in that
+    order, so an integer parses as a float, and only 1 changes meaning (1.0 = 100%). Reordering the
+    type hint keeps ``0.25`` a fraction and makes ``1`` one batch.
+    """
+    for action in parser._actions:
+        if action.dest in BATCH_LIMITS and hasattr(action, "_typehint"):
+            action._typehint = int | float | None
 
 
 def add_preemption_checkpoint(trainer: L.Trainer) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from litplug.core.cli import main
+from litplug.core.cli import LitplugCLI, main
 
 MLP = "    class_path: litplug.core.models.MLP\n    init_args: {hidden_dims: [16]}\n"
 TRAINER = "trainer:\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
@@ -276,6 +276,20 @@ def test_the_console_script_imports_a_model_from_the_directory_it_runs_in(tmp_pa
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["train/loss"] > 0
+
+
+def test_a_batch_limit_of_1_is_one_batch_and_a_float_a_fraction(tmp_path: Path) -> None:
+    """Lightning annotates limit_*_batches Union[float, int]: jsonargparse made `1` into 1.0, which
+    Lightning reads as 100% of the batches."""
+    args = [
+        *("--config", _config(tmp_path)),
+        *("--trainer.limit_val_batches=1", "--trainer.limit_train_batches=0.25"),
+        *("--trainer.limit_test_batches=1.0", "--trainer.limit_predict_batches=3"),
+    ]
+    trainer = LitplugCLI(run=False, args=args).trainer
+    limits = [trainer.limit_val_batches, trainer.limit_train_batches, trainer.limit_test_batches]
+    assert [(type(limit), limit) for limit in limits] == [(int, 1), (float, 0.25), (float, 1.0)]
+    assert trainer.limit_predict_batches == 3
 
 
 def test_evaluating_ckpt_path_last_takes_the_newest_checkpoint_of_the_config_or_refuses(

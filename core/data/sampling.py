@@ -265,7 +265,8 @@ class LitplugDataModule(L.LightningDataModule):
     def _overfitting(self) -> bool:
         """Whether the attached trainer runs with ``overfit_batches`` (a debugging run)."""
         trainer = self.trainer
-        return trainer is not None and float(trainer.overfit_batches) > 0
+        # set in Trainer.__init__ (trainer/setup.py), not declared on the class
+        return trainer is not None and float(getattr(trainer, "overfit_batches", 0)) > 0
 
     def _loader_generator(self) -> torch.Generator:
         # DataLoader draws its worker base seed from this generator; without one it would draw

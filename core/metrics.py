@@ -71,3 +71,8 @@ class ClassificationMetrics(nn.Module):
     def metrics(self) -> dict[str, Metric]:
         """The metric objects, for ``LightningModule.log`` to compute, sync and reset per epoch."""
         return {**dict(self.collection.items()), "nll": self.nll, "brier": self.brier}
+
+    @staticmethod
+    def attribute_of(name: str) -> str:
+        """The attribute path, within this module, of the metric :meth:`metrics` calls ``name``."""
+        return name if name in ("nll", "brier") else f"collection.{name}"

@@ -407,12 +407,12 @@ class LitplugModule(L.LightningModule):
             )
         key, metrics = self._loader_metrics(stage, dataloader_idx, log_probs.device)
         metrics.update(log_probs, targets)
-        # Named explicitly: Lightning maps metric objects to attributes once, before a second
-        # loader's metrics exist.
-        attributes = {id(metric): f"metrics.{key}.{name}" for name, metric in metrics.named_modules()}
         for name, metric in metrics.metrics().items():
             prog_bar = stage == "val" and name == "acc"
-            self.log(f"{stage}/{name}", metric, prog_bar=prog_bar, metric_attribute=attributes[id(metric)])
+            # Named explicitly: Lightning maps metric objects to attributes once, before a second
+            # loader's metrics exist.
+            attribute = f"metrics.{key}.{metrics.attribute_of(name)}"
+            self.log(f"{stage}/{name}", metric, prog_bar=prog_bar, metric_attribute=attribute)
 
     def _loader_metrics(
         self, stage: str, dataloader_idx: int, device: torch.device

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from litplug.core.data import DigitsDataModule
 from litplug.core.hookspecs import hookimpl
+from litplug.core.metrics import ClassificationMetrics
 from litplug.core.models import MLP
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
@@ -80,3 +81,10 @@ def test_predict_takes_several_loaders() -> None:
         len(data.datasets["val"]),  # type: ignore[arg-type]
         len(data.datasets["test"]),  # type: ignore[arg-type]
     ]
+
+
+def test_the_metric_attribute_paths_name_the_logged_metric_objects() -> None:
+    """The core names each logged metric's attribute to Lightning; a wrong path fails at log time."""
+    metrics = ClassificationMetrics(num_classes=10)
+    for name, metric in metrics.metrics().items():
+        assert metrics.get_submodule(metrics.attribute_of(name)) is metric, name

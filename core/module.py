@@ -67,6 +67,18 @@ def _compile_options(compile_model: bool | dict[str, Any]) -> dict[str, Any] | N
     return dict(compile_model)
 
 
+def _require_logits(outputs: Any, needed_by: str) -> Tensor:
+    """The model's outputs, if they are the Tensor of logits the core's defaults need."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    raise ModuleConfigError(
+        "model",
+        f"returned a {type(outputs).__name__} from forward, but {needed_by} the logits as one "
+        "Tensor [batch, ..., classes]: return only the logits (wrap the model), or configure "
+        "model.loss for these outputs and model.num_classes: 0 to turn the metrics off",
+    )
+
+
 class LitplugModule(L.LightningModule):
     """Train any ``nn.Module`` with a list of plugins.
 
@@ -263,11 +275,13 @@ class LitplugModule(L.LightningModule):
             return replaced
         if self.loss_fn is not None:
             return self.loss_fn(outputs, targets)
-        return default_loss(outputs, targets)
+        return default_loss(_require_logits(outputs, "the default loss needs"), targets)
 
     def log_probs(self, outputs: Any, stage: str) -> Tensor:
         result = self.hooks.log_probs(module=self, outputs=outputs, stage=stage)
-        return result if result is not None else F.log_softmax(outputs, dim=-1)
+        if result is not None:
+            return result
+        return F.log_softmax(_require_logits(outputs, "the metrics and predictions need"), dim=-1)
 
     def class_scores(self, inputs: Any) -> Tensor:
         """Class scores ``[B, K]`` of the prediction the configured plugins make from raw ``inputs``.

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.core.data import DigitsDataModule
+from litplug.core.errors import ModuleConfigError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.models import MLP
 from litplug.core.module import LitplugModule
@@ -69,3 +70,31 @@ def test_class_count_comes_from_the_prediction_when_nothing_gives_it(members: in
     assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
     tested = trainer.test(module, loader, verbose=False)[0]
     assert {"test/acc", "test/nll", "test/ece", "test/brier"} <= tested.keys()
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.layer(x)
+        return logits, logits.detach()
+
+
+def test_a_model_that_does_not_return_logits_gets_a_clear_error() -> None:
+    """The default loss and metrics need one Tensor; a tuple failed deep in reshape/log_softmax."""
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    expected = "argument 'model' returned a tuple from forward, but the default loss needs the logits"
+    with pytest.raises(ModuleConfigError, match=expected):
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(LitplugModule(_TwoOutputs()), loader)
+    # with its own loss and no metrics, such a model trains
+    module = LitplugModule(_TwoOutputs(), loss=_FirstOutputCrossEntropy(), num_classes=0)
+    quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, loader)
+    assert module.trainer.global_step == 2
+
+
+class _FirstOutputCrossEntropy(torch.nn.Module):
+    def forward(self, outputs: tuple[Tensor, Tensor], targets: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(outputs[0], targets)

@@ -127,6 +127,11 @@ class LitplugCLI(LightningCLI):
         _require_checkpoint_file(kwargs.get("ckpt_path"))
         if kwargs.get("ckpt_path") is None and self.trainer.is_global_zero:
             print(f"litplug {self.subcommand}: no --ckpt_path: the model as configured, no checkpoint loaded")
+        if kwargs.get("ckpt_path") == "best" and _best_checkpoint(self.trainer) is None:
+            best = saved_best_checkpoint(self.trainer)
+            if self.trainer.is_global_zero:
+                print(f"litplug {self.subcommand}: --ckpt_path best is {best}")
+            return {**kwargs, "ckpt_path": best}
         if kwargs.get("ckpt_path") != "last":
             return kwargs
         found = resume_checkpoint(self.trainer)
@@ -300,6 +305,41 @@ def resume_checkpoint(trainer: L.Trainer) -> str | None:
         return None
     # ties (coarse file-system clocks) are files saved at the same step; the name makes it stable
     return max(existing, key=lambda path: (get_filesystem(path).modified(path), path))
+
+
+def saved_best_checkpoint(trainer: L.Trainer) -> str:
+    """What ``--ckpt_path best`` evaluates in a run of its own (``litplug test`` after ``fit``).
+
+    Lightning's ``"best"`` is the best path of a ``ModelCheckpoint`` *in this process*, which a
+    new process does not have. The fit recorded it in its checkpoints (the callback's state): read
+    it from the newest checkpoint of this config (:func:`resume_checkpoint`).
+    """
+    newest = resume_checkpoint(trainer)
+    if newest is None:
+        raise CheckpointError(
+            "--ckpt_path best: this config has saved no checkpoint (looked in its ModelCheckpoint "
+            "folders and every run folder of its logger); give the checkpoint's path"
+        )
+    saved = torch.load(newest, map_location="cpu", weights_only=True, mmap=True)
+    bests = sorted(
+        {
+            state["best_model_path"]
+            for key, state in (saved.get("callbacks") or {}).items()
+            if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")
+        }
+    )
+    if not bests:
+        raise CheckpointError(
+            f"--ckpt_path best: the newest checkpoint, {newest}, records no best checkpoint: no "
+            "ModelCheckpoint of the fit monitored a metric (monitor: ...). Give the checkpoint's path"
+        )
+    if len(bests) > 1:
+        raise CheckpointError(
+            f"--ckpt_path best: the newest checkpoint, {newest}, records {len(bests)} best "
+            f"checkpoints, one per monitoring ModelCheckpoint ({', '.join(bests)}). Give the path"
+        )
+    _require_checkpoint_file(bests[0])
+    return bests[0]
 
 
 def _checkpoint_folders(trainer: L.Trainer, callback: ModelCheckpoint) -> list[Path]:

@@ -215,6 +215,20 @@ def test_test_after_fit_tests_the_best_checkpoint_of_a_monitoring_model_checkpoi
 
     assert fitted["metrics"]["test/loss"] == test_loss(run_dir / "epoch=0-step=20.ckpt")
     assert fitted["metrics"]["test/loss"] != test_loss(run_dir / "epoch=2-step=60.ckpt")
+    # a test run of its own: "best" is what the fit's monitored ModelCheckpoint recorded
+    assert main(["test", "--config", str(config), "--ckpt_path", "best"]) == 0
+    tested = json.loads((tmp_path / "results.json").read_text())
+    assert Path(tested["tested_checkpoint"]).name == "epoch=0-step=20.ckpt"
+    assert tested["metrics"]["test/loss"] == fitted["metrics"]["test/loss"]
+
+
+def test_ckpt_path_best_without_a_monitored_checkpoint_is_refused(tmp_path: Path, capfd) -> None:
+    checkpoint = _fit_checkpoint(tmp_path)  # the default, unmonitored ModelCheckpoint
+    config = f"model:\n  model:\n{MLP}trainer:\n  logger: false\n  default_root_dir: {tmp_path / 'fit'}\n"
+    (tmp_path / "test.yaml").write_text(config)
+    assert main(["test", "--config", str(tmp_path / "test.yaml"), "--ckpt_path", "best"]) == 2
+    refusal = f"--ckpt_path best: the newest checkpoint, {checkpoint}, records no best checkpoint"
+    assert refusal in capfd.readouterr().err
 
 
 def test_validate_prints_and_writes_its_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

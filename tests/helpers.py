@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from litplug.core.data import LitplugDataModule
 from litplug.core.examples import example_run  # noqa: F401  (re-exported for the tests)
 from litplug.core.hookspecs import hookimpl
 from litplug.core.plugin import Plugin
@@ -303,3 +304,31 @@ def assert_same_state(a: object, b: object, where: str) -> None:
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+class IndexData(LitplugDataModule):
+    """40 examples whose input is their own index, so batches identify themselves."""
+
+    num_classes = 2
+    input_shape = (1,)
+
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+        return self.train_loader(TensorDataset(torch.arange(40.0).unsqueeze(1), torch.zeros(40).long()))
+
+
+class BatchRecorder(L.LightningModule):
+    """Records the example indices and (epoch, batch_idx) of every training step; trains nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[list[int]] = []
+        self.batch_indices: list[tuple[int, int]] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch[0].squeeze(1).long().tolist())
+        self.batch_indices.append((self.current_epoch, batch_idx))
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)

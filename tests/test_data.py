@@ -10,9 +10,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import BatchRecorder, IndexData
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.core.data import (
     AddingTaskDataModule,
@@ -91,6 +91,72 @@ def test_rank_shards_are_disjoint_and_cover(size: int, replicas: int) -> None:
         assert len(everything) == len(set(everything))
 
 
+def _global_steps(size: int, batch: int, replicas: int, start: int = 0, **kw: Any) -> list[list[int]]:
+    """Each step's global batch (the ranks' batches concatenated) of epoch 2 after ``start``."""
+    per_rank = []
+    for rank in range(replicas):
+        sampler = ResumableBatchSampler(size, batch, seed=4, num_replicas=replicas, rank=rank, **kw)
+        sampler.set_epoch(2)
+        sampler.start_after_examples(start)
+        batches = list(sampler)
+        assert len(batches) == sampler.batches_after(start)
+        per_rank.append(batches)
+    assert len({len(b) for b in per_rank}) == 1, "every rank must run the same number of steps"
+    return [sum((batches[step] for batches in per_rank), []) for step in range(len(per_rank[0]))]
+
+
+@pytest.mark.parametrize(
+    ("size", "old", "new", "done"),
+    [
+        (50, (1, 8), (2, 4), 3),  # same global batch on more devices
+        (50, (1, 8), (3, 4), 2),  # padding after the re-cut
+        (50, (2, 4), (1, 16), 4),  # fewer devices, bigger batch
+        (47, (3, 5), (2, 2), 1),
+        (47, (3, 5), (4, 8), 2),  # the rest is one padded partial batch
+        (10, (1, 4), (3, 4), 2),  # 2 examples left for 3 ranks
+    ],
+)
+def test_start_after_examples_recuts_the_rest_of_the_epoch_on_another_shape(
+    size: int, old: tuple[int, int], new: tuple[int, int], done: int
+) -> None:
+    """Resuming on another shape: the old shape's first `done` steps and the new shape's steps after
+    them are, concatenated, the epoch's global order once through, plus only the new padding."""
+    (old_world, old_batch), (new_world, new_batch) = old, new
+    trained = _global_steps(size, old_batch, old_world)[:done]
+    consumed = sum(len(b) for b in trained)
+    assert consumed == done * old_world * old_batch
+    rest = _global_steps(size, new_batch, new_world, start=consumed)
+    order = sum(_global_steps(size, size, 1), [])  # the epoch's global order, unpadded
+    pad = -(size - consumed) % new_world
+    assert sum(trained + rest, []) == order + (order * new_world)[:pad]
+    # With the old shape the re-cut is exactly the plain skip.
+    assert (
+        _global_steps(size, old_batch, old_world, start=consumed)
+        == _global_steps(size, old_batch, old_world)[done:]
+    )
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_recut_epoch_cut_again_later_continues_the_first_recut(drop_last: bool) -> None:
+    """Killed twice in one epoch with the new shape: starting after what the first re-cut's first
+    k steps trained on equals that re-cut's steps after the k-th, padding included."""
+    first = _global_steps(47, 4, 3, start=10, drop_last=drop_last)
+    for steps in range(len(first)):
+        again = _global_steps(47, 4, 3, start=10 + steps * 12, drop_last=drop_last)
+        assert again == first[steps:], steps
+
+
+def test_start_after_examples_validates_and_applies_to_one_iteration() -> None:
+    sampler = ResumableBatchSampler(10, 4, seed=0, shuffle=False)
+    with pytest.raises(ValueError, match="num_examples must be <= dataset_size \\(10\\)"):
+        sampler.start_after_examples(11)
+    sampler.start_after_examples(3)
+    assert list(sampler) == [[3, 4, 5, 6], [7, 8, 9]]
+    assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    sampler.start_after_examples(10)
+    assert list(sampler) == [] and sampler.batches_after(10) == 0
+
+
 def test_sampler_does_not_touch_global_rng() -> None:
     state = torch.get_rng_state()
     sampler = ResumableBatchSampler(100, 10, seed=0)
@@ -125,30 +191,6 @@ def test_datamodule_validates_arguments() -> None:
 # ------------------------------------------------- Lightning mid-epoch resume
 
 
-class _IndexData(LitplugDataModule):
-    """40 examples whose input is their own index, so batches identify themselves."""
-
-    num_classes = 2
-    input_shape = (1,)
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self.train_loader(TensorDataset(torch.arange(40.0).unsqueeze(1), torch.zeros(40).long()))
-
-
-class _Recorder(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(1, 1)
-        self.seen: list[list[int]] = []
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self.seen.append(batch[0].squeeze(1).long().tolist())
-        return self.layer(batch[0]).sum()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
 def _fit(
     tmp_path: Path,
     callbacks: list[L.Callback],
@@ -156,7 +198,18 @@ def _fit(
     batch_size: int = 8,
     **trainer_kwargs: Any,
 ) -> list[list[int]]:
-    model = _Recorder()
+    return _fit_recorder(tmp_path, callbacks, ckpt_path, batch_size, **trainer_kwargs).seen
+
+
+def _fit_recorder(
+    tmp_path: Path,
+    callbacks: list[L.Callback],
+    ckpt_path: str | None = None,
+    batch_size: int = 8,
+    data: IndexData | None = None,
+    **trainer_kwargs: Any,
+) -> BatchRecorder:
+    model = BatchRecorder()
     trainer = L.Trainer(
         **{"max_epochs": 2, **trainer_kwargs},
         accelerator="cpu",
@@ -167,8 +220,8 @@ def _fit(
         callbacks=callbacks,
         default_root_dir=tmp_path,
     )
-    trainer.fit(model, _IndexData(batch_size=batch_size, seed=5), ckpt_path=ckpt_path)
-    return model.seen
+    trainer.fit(model, data or IndexData(batch_size=batch_size, seed=5), ckpt_path=ckpt_path)
+    return model
 
 
 # Lightning cannot see that the batch sampler resumes itself, so it warns; the test proves it does.
@@ -189,24 +242,94 @@ def test_lightning_resume_mid_epoch_continues_exactly(tmp_path: Path) -> None:
         assert resumed == full[step:], f"resume from step {step}"
 
 
+def _every_step(ckpt_dir: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+
+
+def _flat(batches: list[list[int]]) -> list[int]:
+    return [i for batch in batches for i in batch]
+
+
 @pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
 @pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
-def test_resuming_mid_epoch_with_another_batch_size_warns_that_the_order_is_cut_differently(
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+@pytest.mark.parametrize(
+    ("batch_size", "batches_left", "next_batch_idx"), [(4, 4, 6), (16, 1, 2), (12, 2, 2)]
+)
+def test_resuming_mid_epoch_with_another_batch_size_trains_on_the_rest_of_the_epoch_once(
+    tmp_path: Path, batch_size: int, batches_left: int, next_batch_idx: int
+) -> None:
+    """Killed after 3 batches of 8 and resumed with another batch size: the other 16 examples of the
+    epoch, cut into the new batches, and Lightning's batch_idx moved on so that the epoch ends when
+    they run out; the next epoch is whole."""
+    ckpt_dir = tmp_path / "ckpt"
+    full = _fit(tmp_path, [_every_step(ckpt_dir)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = _fit_recorder(tmp_path, [], ckpt_path=str(ckpt_dir / "step=3.ckpt"), batch_size=batch_size)
+    assert not [w for w in caught if "cut differently" in str(w.message)]
+    assert _flat(resumed.seen[:batches_left]) == _flat(full[3:5])
+    assert [len(b) for b in resumed.seen[:batches_left]] == [
+        min(batch_size, 16 - k * batch_size) for k in range(batches_left)
+    ]
+    epoch_len = -(-40 // batch_size)
+    assert resumed.batch_indices[:batches_left] == [(0, next_batch_idx + k) for k in range(batches_left)]
+    assert next_batch_idx + batches_left == epoch_len
+    assert resumed.batch_indices[batches_left:] == [(1, k) for k in range(epoch_len)]
+    assert resumed.seen[batches_left:] == _epoch(ResumableBatchSampler(40, batch_size, seed=5), 1)
+
+
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+def test_a_recut_epoch_killed_again_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """The re-cut is kept in the next checkpoints: killed again in that epoch, the run continues it
+    exactly on the same shape, and re-cuts it once more on yet another. Batches of 5 after 24
+    examples do not line up with batches of 5 from the start, so a plain skip would be wrong."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _fit(tmp_path, [_every_step(first)])
+    recut = _fit(tmp_path, [_every_step(second)], ckpt_path=str(first / "step=3.ckpt"), batch_size=5)
+    assert [len(b) for b in recut[:4]] == [5, 5, 5, 1]
+    # step 5: 3 batches of 8 then 2 of 5, so 34 of the epoch's 40 examples are done
+    assert _fit(tmp_path, [], ckpt_path=str(second / "step=5.ckpt"), batch_size=5) == recut[2:]
+    again = _fit_recorder(tmp_path, [], ckpt_path=str(second / "step=5.ckpt"), batch_size=8)
+    assert again.seen[0] == _flat(recut[2:4]) and again.batch_indices[0] == (0, 4)
+    assert again.seen[1:] == _epoch(ResumableBatchSampler(40, 8, seed=5), 1)
+
+
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+def test_a_recut_does_not_outlive_its_run(tmp_path: Path) -> None:
+    """A data module that resumed a re-cut epoch and is then fitted afresh (a new task, a new trial)
+    saves plain cuts: resuming those checkpoints skips exactly."""
+    first, fresh = tmp_path / "first", tmp_path / "fresh"
+    _fit(tmp_path, [_every_step(first)])
+    data = IndexData(batch_size=5, seed=5)
+    _fit_recorder(tmp_path, [], ckpt_path=str(first / "step=3.ckpt"), data=data, max_epochs=1)
+    uninterrupted = _fit_recorder(tmp_path, [_every_step(fresh)], data=data).seen
+    assert _fit(tmp_path, [], ckpt_path=str(fresh / "step=2.ckpt"), batch_size=5) == uninterrupted[2:]
+
+
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+def test_resuming_mid_epoch_on_another_shape_with_a_batch_limit_warns_that_the_order_is_cut_differently(
     tmp_path: Path,
 ) -> None:
     ckpt_dir = tmp_path / "ckpt"
-    _fit(
-        tmp_path, [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}")]
+    _fit(tmp_path, [_every_step(ckpt_dir)], limit_train_batches=4)
+    changed = (
+        "resuming mid-epoch \\(after 3 batches\\) with 1 process\\(es\\) x batch 4, but the checkpoint was "
+        "saved with 1 x 8 and limit_train_batches cuts the epoch short"
     )
-    changed = "resuming mid-epoch \\(after 3 batches\\) with 1 process\\(es\\) x batch 4, but the checkpoint was saved with 1 x 8"
     with pytest.warns(UserWarning, match=changed):
-        _fit(tmp_path, [], ckpt_path=str(ckpt_dir / "step=3.ckpt"), batch_size=4)
+        _fit(tmp_path, [], ckpt_path=str(ckpt_dir / "step=3.ckpt"), batch_size=4, limit_train_batches=4)
     # with the same shape the skip is exact, mid-epoch or after an epoch's last batch: no warning
-    for step, batch_size in ((3, 8), (5, 8)):
+    for step in (3, 4):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _fit(tmp_path, [], ckpt_path=str(ckpt_dir / f"step={step}.ckpt"), batch_size=batch_size)
-        assert not [w for w in caught if "cut differently" in str(w.message)], (step, batch_size)
+            _fit(tmp_path, [], ckpt_path=str(ckpt_dir / f"step={step}.ckpt"), limit_train_batches=4)
+        assert not [w for w in caught if "cut differently" in str(w.message)], step
 
 
 def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@
   the uninterrupted run's weights and plugin states (rank-local state such as a replay memory is
   saved per rank).
 - A rank that dies ends a `ddp_spawn` run with an error within a bounded time.
+- A run killed mid-epoch resumes on another number of processes (1 -> 2 -> 1) with the rest of the
+  epoch, each example once.
 - A real `litplug fit --trainer.strategy=ddp --trainer.devices=2` subprocess run.
 """
 
@@ -149,6 +151,40 @@ def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root
 
     saved = json.loads(results.read_text())
     assert saved["global_step"] == 5 and saved["metrics"]["train/loss"] > 0
+
+
+@pytest.mark.slow
+def test_resuming_mid_epoch_on_another_number_of_processes_trains_on_the_rest_of_the_epoch(
+    tmp_path: Path,
+) -> None:
+    """1 process x 8 killed after 3 steps, resumed on 2 x 8; that run's checkpoint one step into
+    epoch 1 resumed on 1 x 8: every example of each epoch once, in the global order, and the
+    epoch ends where Lightning's batch_idx says."""
+    import json
+
+    completed = _run_retrying_once([sys.executable, str(HERE / "ddp_recut.py"), str(tmp_path)], timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+    def record(name: str) -> dict[str, list[list[int]]]:
+        return json.loads((tmp_path / f"{name}-rank0.json").read_text())
+
+    def flat(batches: list[list[int]]) -> list[int]:
+        return [i for batch in batches for i in batch]
+
+    one, ranks = (
+        record("one"),
+        [record("one-to-two"), json.loads((tmp_path / "one-to-two-rank1.json").read_text())],
+    )
+    epochs = flat(one["seen"][:5]), flat(one["seen"][5:])
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+    steps = [ranks[0]["seen"][k] + ranks[1]["seen"][k] for k in range(len(ranks[0]["seen"]))]
+    assert flat(one["seen"][:3]) + steps[0] == epochs[0]
+    assert flat(steps[1:]) == epochs[1]
+    for rank in ranks:
+        assert rank["batch_indices"] == [[0, 2], [1, 0], [1, 1], [1, 2]]
+    back = record("two-to-one")
+    assert steps[1] + flat(back["seen"]) == epochs[1]
+    assert back["batch_indices"] == [[1, 2], [1, 3], [1, 4]]
 
 
 def test_agreement_check_names_the_plugin_whose_state_differs(monkeypatch: pytest.MonkeyPatch) -> None:

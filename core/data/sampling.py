@@ -3,7 +3,9 @@
 The training order is a pure function of ``(seed, epoch, rank, num_replicas)``: each epoch's
 permutation comes from a private ``torch.Generator`` seeded with ``seed + epoch``, so creating or
 iterating loaders never touches the global RNG, and a run restarted from a checkpoint can skip
-exactly the batches it already trained on.
+exactly the batches it already trained on. The global order does not depend on the number of
+ranks or the batch size, so a run restarted on another shape can train on exactly the examples
+of the epoch it had not reached, in new batches.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["LitplugDataModule", "ResumableBatchSampler"]
@@ -82,16 +84,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         self._skip = 0
+        self._start = 0
 
     @property
     def sampler(self) -> ResumableBatchSampler:
         """This object, so Lightning's ``batch_sampler.sampler.set_epoch`` reaches it."""
         return self
-
-    @property
-    def samples_per_rank(self) -> int:
-        """Examples each rank sees per epoch, padding included."""
-        return math.ceil(self.dataset_size / self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose permutation the next iteration uses."""
@@ -103,22 +101,46 @@ class ResumableBatchSampler(Sampler[list[int]]):
         _require_int("num_batches", num_batches, 0)
         self._skip = num_batches
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's padded share of the global order for ``epoch``."""
+    def start_after_examples(self, num_examples: int) -> None:
+        """Make the next iteration (only that one) cover the epoch's global order after its first
+        ``num_examples`` examples, cut into this sampler's batches.
+
+        This is how a run resumes mid-epoch on another number of devices or batch size: the global
+        order does not depend on either, so the examples already trained on are its first
+        ``num_examples`` whatever shape trained on them.
+        """
+        _require_int("num_examples", num_examples, 0)
+        if num_examples > self.dataset_size:
+            raise ValueError(
+                f"num_examples must be <= dataset_size ({self.dataset_size}), got {num_examples}"
+            )
+        self._start = num_examples
+
+    def batches_after(self, num_examples: int) -> int:
+        """Batches per rank in an iteration that starts after the epoch's first ``num_examples``."""
+        samples_per_rank = math.ceil((self.dataset_size - num_examples) / self.num_replicas)
+        if self.drop_last:
+            return samples_per_rank // self.batch_size
+        return math.ceil(samples_per_rank / self.batch_size)
+
+    def epoch_indices(self, epoch: int, start: int = 0) -> list[int]:
+        """This rank's padded share of the global order for ``epoch`` after its first ``start``."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.dataset_size, generator=generator)
         else:
             order = torch.arange(self.dataset_size)
-        total = self.samples_per_rank * self.num_replicas
-        if total > self.dataset_size:
-            # Repeat the head of the order (several times if the dataset is tiny) to pad evenly.
-            reps = math.ceil(total / self.dataset_size)
-            order = order.repeat(reps)[:total]
+        rest = order[start:]
+        total = math.ceil(len(rest) / self.num_replicas) * self.num_replicas
+        if total > len(rest):
+            # Pad with the head of the whole epoch's order (several times over if the dataset is
+            # tiny), so the padding of a resumed iteration is the uninterrupted one's.
+            pad = total - len(rest)
+            rest = torch.cat([rest, order.repeat(math.ceil(pad / self.dataset_size))[:pad]])
         global_batch = self.batch_size * self.num_replicas
         share: list[int] = []
-        for start in range(0, total, global_batch):
-            chunk = order[start : start + global_batch]
+        for first in range(0, total, global_batch):
+            chunk = rest[first : first + global_batch]
             per_rank = len(chunk) // self.num_replicas  # the last chunk is smaller, still divisible
             share.extend(chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist())
         return share
@@ -127,15 +149,14 @@ class ResumableBatchSampler(Sampler[list[int]]):
         # A generator: the epoch and skip are read at the first next(), i.e. after Lightning's
         # set_epoch even though the DataLoader iterator may be created before it.
         skip, self._skip = self._skip, 0
-        indices = self.epoch_indices(self.epoch)
-        for batch_index in range(skip, len(self)):
-            start = batch_index * self.batch_size
-            yield indices[start : start + self.batch_size]
+        start, self._start = self._start, 0
+        indices = self.epoch_indices(self.epoch, start)
+        for batch_index in range(skip, self.batches_after(start)):
+            first = batch_index * self.batch_size
+            yield indices[first : first + self.batch_size]
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.samples_per_rank // self.batch_size
-        return math.ceil(self.samples_per_rank / self.batch_size)
+        return self.batches_after(0)
 
 
 class LitplugDataModule(L.LightningDataModule):
@@ -144,7 +165,8 @@ class LitplugDataModule(L.LightningDataModule):
     Subclasses build datasets in ``setup`` and return ``self.train_loader(dataset)`` from
     ``train_dataloader`` and ``self.eval_loader(dataset)`` from the eval dataloaders. A user's own
     data module gets exact mid-epoch resume (the restarted run continues with exactly the batches
-    not yet seen) and DDP sharding simply by building its train loader with :meth:`train_loader`.
+    not yet seen; on other devices or another batch size, with the examples not yet seen cut into
+    the new batches) and DDP sharding simply by building its train loader with :meth:`train_loader`.
 
     The train loader's :class:`ResumableBatchSampler` shards by rank itself, so the Trainer must run
     with ``use_distributed_sampler=False`` (litplug's trainer defaults set it); otherwise Lightning
@@ -167,13 +189,20 @@ class LitplugDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset[Any]] = {}  # "train"/"val"/"test", filled by setup()
-        self._saved_order: dict[str, Any] = {}  # the order's shape in a checkpoint being resumed
+        self._saved_order: dict[str, Any] = {}  # the order's cut in a checkpoint being resumed
+        # Set when a run resumed mid-epoch on another shape: {"epoch", "examples", "batches"}.
+        self._resumed_cut: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The shape of the training order (Lightning keeps it in checkpoints): a run restarted
-        mid-epoch can only skip exactly the batches already trained on if it is unchanged."""
+        """How the current epoch's order is cut into batches (Lightning keeps it in checkpoints),
+        so that a run restarted mid-epoch, on these devices or others, trains on exactly the
+        examples of the epoch not yet trained on."""
         world_size, _ = self._world()
-        return {"world_size": world_size, "batch_size": self.batch_size}
+        state: dict[str, Any] = {"world_size": world_size, "batch_size": self.batch_size}
+        cut = self._resumed_cut
+        if cut is not None and self.trainer is not None and cut["epoch"] == self.trainer.current_epoch:
+            state["epoch_cut"] = dict(cut)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_order = dict(state_dict)
@@ -213,43 +242,99 @@ class LitplugDataModule(L.LightningDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
-    def _batches_to_skip(self, sampler: ResumableBatchSampler) -> int:
-        """Batches of the current epoch a restarted Lightning run has already trained on."""
+    def _resume_mid_epoch(self, sampler: ResumableBatchSampler) -> None:
+        """Point a restarted Lightning run's sampler at the examples of the interrupted epoch not
+        yet trained on.
+
+        The global order of an epoch does not depend on the shape (devices x batch size), so the
+        examples already trained on are its first ``consumed``, whatever shape cut them. With the
+        checkpoint's shape the sampler simply skips the batches done. With another shape it re-cuts
+        the rest of the order into this run's batches, and Lightning's batch count in this epoch
+        is moved on so that it reaches the epoch's end (``len(sampler)``) exactly when they run
+        out: Lightning ends an epoch by that count, not when the loader is exhausted.
+        """
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:
-            return 0
+            return
         epochs: Any = trainer.fit_loop.epoch_progress.current
         if epochs.completed >= epochs.started:
             # The interrupted epoch was closed (a run that stopped at max_steps): Lightning starts
             # the next epoch, so its first batch is the next epoch's first.
-            return 0
+            return
         progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
         # A checkpoint saved in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) has
         # `completed` one behind: that batch was processed but Lightning counts it completed only
         # after the save. `processed` counts every batch whose training step finished.
         done = int(progress.processed)
-        limit = trainer.limit_train_batches
-        epoch_len = len(sampler)
-        if isinstance(limit, int):
-            epoch_len = min(epoch_len, limit)
-        elif limit is not None:
-            epoch_len = int(epoch_len * float(limit))
+        saved = self._saved_cut(sampler)
+        saved_sampler = ResumableBatchSampler(
+            sampler.dataset_size,
+            saved["batch_size"],
+            sampler.seed,
+            drop_last=sampler.drop_last,
+            num_replicas=saved["world_size"],
+        )
+        saved_len = saved["batches"] + saved_sampler.batches_after(saved["examples"])
         # A checkpoint taken after the epoch's last batch resumes at the next epoch: skip nothing.
-        if done >= epoch_len:
-            return 0
-        self._warn_if_the_order_changed(done)
-        return done
-
-    def _warn_if_the_order_changed(self, done: int) -> None:
-        saved, now = self._saved_order, self.state_dict()
-        if not saved or all(saved.get(key) == value for key, value in now.items()):
+        if done >= self._limited(saved_len):
             return
+        unchanged = saved == {
+            "world_size": sampler.num_replicas,
+            "batch_size": sampler.batch_size,
+            "examples": 0,
+            "batches": 0,
+        }
+        if unchanged:
+            sampler.skip_batches(done)
+            return
+        if self._limited(saved_len) < saved_len or self._limited(len(sampler)) < len(sampler):
+            self._warn_that_the_order_is_cut_differently(done, saved)
+            sampler.skip_batches(done)
+            return
+        global_batch = saved["world_size"] * saved["batch_size"]
+        consumed = saved["examples"] + (done - saved["batches"]) * global_batch
+        sampler.start_after_examples(consumed)
+        batches = len(sampler) - sampler.batches_after(consumed)
+        progress.increment_by(batches - done)  # ready, started, processed and completed alike
+        self._resumed_cut = {"epoch": sampler.epoch, "examples": consumed, "batches": batches}
+        rank_zero_info(
+            f"{type(self).__name__}: resuming epoch {sampler.epoch} after {consumed} of its "
+            f"{sampler.dataset_size} examples, trained on by {saved['world_size']} process(es) x "
+            f"batch {saved['batch_size']}; the other {sampler.dataset_size - consumed} are cut into "
+            f"{sampler.batches_after(consumed)} batches of {sampler.num_replicas} x {sampler.batch_size} "
+            f"(batch_idx continues at {batches})"
+        )
+
+    def _saved_cut(self, sampler: ResumableBatchSampler) -> dict[str, int]:
+        """The checkpoint's cut of the current epoch; this run's shape for older checkpoints."""
+        saved = self._saved_order
+        cut = saved.get("epoch_cut") or {}
+        same_epoch = cut.get("epoch") == sampler.epoch
+        return {
+            "world_size": int(saved.get("world_size", sampler.num_replicas)),
+            "batch_size": int(saved.get("batch_size", sampler.batch_size)),
+            "examples": int(cut["examples"]) if same_epoch else 0,
+            "batches": int(cut["batches"]) if same_epoch else 0,
+        }
+
+    def _limited(self, epoch_len: int) -> int:
+        """The batches of an epoch of ``epoch_len`` that ``limit_train_batches`` lets Lightning run."""
+        limit = self.trainer.limit_train_batches if self.trainer is not None else None
+        if isinstance(limit, int):
+            return min(epoch_len, limit)
+        if limit is not None:
+            return int(epoch_len * float(limit))
+        return epoch_len
+
+    def _warn_that_the_order_is_cut_differently(self, done: int, saved: dict[str, int]) -> None:
+        world_size, _ = self._world()
         rank_zero_warn(
             f"{type(self).__name__}: resuming mid-epoch (after {done} batches) with "
-            f"{now['world_size']} process(es) x batch {now['batch_size']}, but the checkpoint was "
-            f"saved with {saved.get('world_size')} x {saved.get('batch_size')}: the rest of this "
-            "epoch is cut differently, so some of its examples are trained on twice or not at all. "
-            "Resume with the same devices and batch size, or from an epoch-end checkpoint."
+            f"{world_size} process(es) x batch {self.batch_size}, but the checkpoint was saved with "
+            f"{saved['world_size']} x {saved['batch_size']} and limit_train_batches cuts the epoch "
+            "short, so the rest of it cannot be re-cut exactly: some of its examples are trained on "
+            "twice or not at all. Resume with the same devices and batch size, or from an epoch-end "
+            "checkpoint."
         )
 
     def _require_own_sharding(self, world_size: int) -> None:
@@ -297,10 +382,11 @@ class LitplugDataModule(L.LightningDataModule):
             num_replicas=world_size,
             rank=rank,
         )
+        self._resumed_cut = None  # a new loader: a re-cut epoch, if any, is over
         if self.trainer is not None:
             # Worker processes prefetch at iterator creation, before Lightning's set_epoch.
             sampler.set_epoch(int(self.trainer.current_epoch))
-            sampler.skip_batches(self._batches_to_skip(sampler))
+            self._resume_mid_epoch(sampler)
         return DataLoader(
             dataset,
             batch_sampler=sampler,

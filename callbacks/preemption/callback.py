@@ -128,7 +128,9 @@ class PreemptionCheckpoint(Callback):
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return  # nothing trained yet, or not training: the last checkpoint is the state
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # on every rank: Lightning builds the checkpoint on all of them
+        # On every rank: Lightning builds the checkpoint on all of them. A full one (weights_only
+        # False) to resume from; saying so also keeps Lightning from logging that it defaulted.
+        trainer.save_checkpoint(path, weights_only=False)
         name = (type(self).stop_signal or signal.SIGTERM).name
         rank_zero_info(
             f"litplug: {name}: the state after step {trainer.global_step} is saved in {path}; "

@@ -332,6 +332,32 @@ def test_resuming_mid_epoch_on_another_shape_with_a_batch_limit_warns_that_the_o
         assert not [w for w in caught if "cut differently" in str(w.message)], step
 
 
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty.*")
+def test_persistent_workers_keep_the_epoch_order_and_the_exact_resume(tmp_path: Path) -> None:
+    """Kept between epochs, workers still get each epoch's own order (the batch sampler runs in
+    the main process), and a resumed run still skips exactly."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def workers() -> IndexData:
+        return IndexData(batch_size=8, seed=5, num_workers=2, persistent_workers=True)
+
+    full = _fit_recorder(tmp_path, [_every_step(ckpt_dir)], data=workers()).seen
+    expected = ResumableBatchSampler(40, 8, seed=5)
+    assert full == _epoch(expected, 0) + _epoch(expected, 1)
+    resumed = _fit_recorder(tmp_path, [], ckpt_path=str(ckpt_dir / "step=3.ckpt"), data=workers()).seen
+    assert resumed == full[3:]
+
+
+def test_loader_worker_options_reach_every_loader() -> None:
+    data = DigitsDataModule(num_workers=1, pin_memory=True, persistent_workers=True)
+    for loader in (data.train_dataloader(), data.val_dataloader(), data.test_dataloader()):
+        assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (1, True, True)
+    with pytest.raises(ValueError, match="persistent_workers=True needs num_workers > 0"):
+        DigitsDataModule(persistent_workers=True)
+
+
 def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path: Path) -> None:
     """Lightning's overfit_batches turns shuffling off by swapping a loader's sampler, which does not
     reach a batch sampler; the loader itself keeps the order fixed, as Lightning would."""

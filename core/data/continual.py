@@ -80,7 +80,7 @@ class ContinualDataModule(LitplugDataModule):
     Args:
         epochs_per_task: training epochs spent on each task.
         scenario: ``"task"``, ``"class"`` or ``"domain"`` (see the module docstring).
-        batch_size, seed, num_workers: as for :class:`LitplugDataModule`.
+        batch_size, seed, num_workers, pin_memory, persistent_workers: as for :class:`LitplugDataModule`.
     """
 
     def __init__(
@@ -90,8 +90,16 @@ class ContinualDataModule(LitplugDataModule):
         batch_size: int = 64,
         seed: int = 0,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
         self._init_schedule(epochs_per_task, scenario)
 
     def _init_schedule(self, epochs_per_task: int, scenario: Scenario) -> None:
@@ -177,6 +185,8 @@ class _DigitsTasks(ContinualDataModule, DigitsDataModule):
         form: DigitsForm,
         normalize: DigitsNormalize,
         num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
     ) -> None:
         DigitsDataModule.__init__(
             self,
@@ -187,6 +197,8 @@ class _DigitsTasks(ContinualDataModule, DigitsDataModule):
             form=form,
             normalize=normalize,
             num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
         )
         self._init_schedule(epochs_per_task, scenario)
         self.tasks: list[dict[str, TensorDataset]] = []
@@ -227,7 +239,7 @@ class SplitDigitsDataModule(_DigitsTasks):
         scenario: ``"task"`` (a head per task, task identity at test) or ``"class"`` (one head).
         shuffle_classes: assign classes to tasks in a seeded random order (else 0-1, 2-3, ...).
         epochs_per_task, batch_size, seed, val_fraction, test_fraction, form, normalize,
-        num_workers: as for :class:`DigitsDataModule` (``seed`` also orders the classes).
+        num_workers, pin_memory, persistent_workers: as for :class:`DigitsDataModule` (``seed`` also orders the classes).
     """
 
     def __init__(
@@ -243,6 +255,8 @@ class SplitDigitsDataModule(_DigitsTasks):
         form: DigitsForm = "flat",
         normalize: DigitsNormalize = "unit",
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(
             epochs_per_task,
@@ -254,6 +268,8 @@ class SplitDigitsDataModule(_DigitsTasks):
             form,
             normalize,
             num_workers,
+            pin_memory,
+            persistent_workers,
         )
         _require_int("classes_per_task", classes_per_task, 1)
         if NUM_DIGIT_CLASSES % classes_per_task != 0:
@@ -296,7 +312,7 @@ class PermutedDigitsDataModule(_DigitsTasks):
         num_tasks: number of permutations (tasks).
         identity_first: task 0 sees the unpermuted digits.
         epochs_per_task, batch_size, seed, val_fraction, test_fraction, form, normalize,
-        num_workers: as for :class:`DigitsDataModule`.
+        num_workers, pin_memory, persistent_workers: as for :class:`DigitsDataModule`.
     """
 
     def __init__(
@@ -311,6 +327,8 @@ class PermutedDigitsDataModule(_DigitsTasks):
         form: DigitsForm = "flat",
         normalize: DigitsNormalize = "unit",
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(
             epochs_per_task,
@@ -322,6 +340,8 @@ class PermutedDigitsDataModule(_DigitsTasks):
             form,
             normalize,
             num_workers,
+            pin_memory,
+            persistent_workers,
         )
         _require_int("num_tasks", num_tasks, 1)
         self._num_tasks = num_tasks

@@ -111,7 +111,8 @@ class DigitsDataModule(LitplugDataModule):
         form: example layout: ``"flat"`` [64], ``"image"`` [1, 8, 8], ``"sequence"`` [64, 1]
             (pixel by pixel), ``"rows"`` [8, 8] (8 steps of 8 features).
         normalize: ``"unit"`` (x / 16, in [0, 1]) or ``"standard"`` (train statistics only).
-        num_workers: DataLoader worker processes.
+        num_workers, pin_memory, persistent_workers: the DataLoaders' worker options, as for
+            :class:`LitplugDataModule`.
 
     Batches are ``(inputs float32 [B, *input_shape], targets int64 [B])``.
     """
@@ -125,8 +126,16 @@ class DigitsDataModule(LitplugDataModule):
         form: DigitsForm = "flat",
         normalize: DigitsNormalize = "unit",
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
         _check_fractions(val_fraction, test_fraction)
         if form not in _FORM_SHAPES:
             raise ValueError(f"form must be one of {sorted(_FORM_SHAPES)}, got {form!r}")

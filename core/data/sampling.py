@@ -178,16 +178,31 @@ class LitplugDataModule(L.LightningDataModule):
         batch_size: examples per batch per device.
         seed: seed of the training order (and of any seeded split a subclass makes).
         num_workers: DataLoader worker processes.
+        pin_memory: DataLoader's ``pin_memory`` (page-locked batches: faster, asynchronous copies
+            to a GPU; no use on CPU).
+        persistent_workers: keep the worker processes between epochs instead of starting them
+            again for every loader pass; needs ``num_workers`` > 0. It pays when epochs are short.
     """
 
-    def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
         super().__init__()
         _require_int("batch_size", batch_size, 1)
         _require_int("seed", seed, 0)
         _require_int("num_workers", num_workers, 0)
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (there are no workers to keep)")
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.datasets: dict[str, Dataset[Any]] = {}  # "train"/"val"/"test", filled by setup()
         self._saved_order: dict[str, Any] = {}  # the order's cut in a checkpoint being resumed
         # Set when a run resumed mid-epoch on another shape: {"epoch", "examples", "batches"}.
@@ -390,8 +405,8 @@ class LitplugDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            num_workers=self.num_workers,
             generator=self._loader_generator(),
+            **self._worker_options(),
             **kwargs,
         )
 
@@ -405,7 +420,14 @@ class LitplugDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
-            num_workers=self.num_workers,
             generator=self._loader_generator(),
+            **self._worker_options(),
             **kwargs,
         )
+
+    def _worker_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }

@@ -74,9 +74,23 @@ class _GeneratedDataModule(LitplugDataModule):
     """Shared plumbing: datasets built once in ``setup`` from a seeded generator."""
 
     def __init__(
-        self, num_train: int, num_val: int, num_test: int, seed: int, batch_size: int, num_workers: int
+        self,
+        num_train: int,
+        num_val: int,
+        num_test: int,
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
         _check_sizes(num_train, num_val, num_test)
         self.num_train = num_train
         self.num_val = num_val
@@ -110,7 +124,8 @@ class CopyTaskDataModule(_GeneratedDataModule):
         num_symbols: distinct symbols.
         seed: seed of the generated data and of the training order.
         batch_size: examples per batch per device.
-        num_workers: DataLoader worker processes.
+        num_workers, pin_memory, persistent_workers: the DataLoaders' worker options, as for
+            :class:`LitplugDataModule`.
     """
 
     def __init__(
@@ -123,8 +138,12 @@ class CopyTaskDataModule(_GeneratedDataModule):
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
-        super().__init__(num_train, num_val, num_test, seed, batch_size, num_workers)
+        super().__init__(
+            num_train, num_val, num_test, seed, batch_size, num_workers, pin_memory, persistent_workers
+        )
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if num_symbols < 1:
@@ -162,7 +181,8 @@ class AddingTaskDataModule(_GeneratedDataModule):
         seq_len: sequence length T (>= 2, one marker per half).
         seed: seed of the generated data and of the training order.
         batch_size: examples per batch per device.
-        num_workers: DataLoader worker processes.
+        num_workers, pin_memory, persistent_workers: the DataLoaders' worker options, as for
+            :class:`LitplugDataModule`.
     """
 
     def __init__(
@@ -174,8 +194,12 @@ class AddingTaskDataModule(_GeneratedDataModule):
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
-        super().__init__(num_train, num_val, num_test, seed, batch_size, num_workers)
+        super().__init__(
+            num_train, num_val, num_test, seed, batch_size, num_workers, pin_memory, persistent_workers
+        )
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         self.seq_len = seq_len

@@ -176,12 +176,24 @@ class ShiftedDigitsDataModule(DigitsDataModule):
         form: DigitsForm = "flat",
         normalize: DigitsNormalize = "unit",
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
         shift: str = "gaussian_noise",
         severity: int = 3,
         shift_seed: int = 0,
         shift_val: bool = False,
     ) -> None:
-        super().__init__(batch_size, seed, val_fraction, test_fraction, form, normalize, num_workers)
+        super().__init__(
+            batch_size,
+            seed,
+            val_fraction,
+            test_fraction,
+            form,
+            normalize,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+        )
         _check_shift(shift, severity)
         self.shift = shift
         self.severity = severity

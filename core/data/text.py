@@ -123,7 +123,8 @@ class StdlibTextDataModule(LitplugDataModule):
         max_chars: cap on the total number of characters.
         val_fraction: fraction of the text for validation.
         test_fraction: fraction of the text for testing.
-        num_workers: DataLoader worker processes.
+        num_workers, pin_memory, persistent_workers: the DataLoaders' worker options, as for
+            :class:`LitplugDataModule`.
     """
 
     def __init__(
@@ -136,8 +137,16 @@ class StdlibTextDataModule(LitplugDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if num_files < 1:

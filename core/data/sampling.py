@@ -11,15 +11,22 @@ of the epoch it had not reached, in new batches.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["LitplugDataModule", "ResumableBatchSampler"]
+
+# Lightning's warning on a mid-epoch resume with a loader that has no state_dict (the start of it).
+_LIGHTNING_NOT_RESUMABLE = (
+    "You're resuming from a checkpoint that ended before the epoch ended and your dataloader"
+)
 
 
 def _require_int(name: str, value: int, minimum: int) -> None:
@@ -301,6 +308,9 @@ class LitplugDataModule(L.LightningDataModule):
         }
         if unchanged:
             sampler.skip_batches(done)
+            self._resumes_exactly(
+                f"resuming epoch {sampler.epoch} after {done} of its {len(sampler)} batches"
+            )
             return
         if self._limited(saved_len) < saved_len or self._limited(len(sampler)) < len(sampler):
             self._warn_that_the_order_is_cut_differently(done, saved)
@@ -312,13 +322,19 @@ class LitplugDataModule(L.LightningDataModule):
         batches = len(sampler) - sampler.batches_after(consumed)
         progress.increment_by(batches - done)  # ready, started, processed and completed alike
         self._resumed_cut = {"epoch": sampler.epoch, "examples": consumed, "batches": batches}
-        rank_zero_info(
-            f"{type(self).__name__}: resuming epoch {sampler.epoch} after {consumed} of its "
-            f"{sampler.dataset_size} examples, trained on by {saved['world_size']} process(es) x "
-            f"batch {saved['batch_size']}; the other {sampler.dataset_size - consumed} are cut into "
-            f"{sampler.batches_after(consumed)} batches of {sampler.num_replicas} x {sampler.batch_size} "
-            f"(batch_idx continues at {batches})"
+        self._resumes_exactly(
+            f"resuming epoch {sampler.epoch} after {consumed} of its {sampler.dataset_size} examples, "
+            f"trained on by {saved['world_size']} process(es) x batch {saved['batch_size']}; the other "
+            f"{sampler.dataset_size - consumed} are cut into {sampler.batches_after(consumed)} batches "
+            f"of {sampler.num_replicas} x {sampler.batch_size} (batch_idx continues at {batches})"
         )
+
+    def _resumes_exactly(self, how: str) -> None:
+        """Say how the interrupted epoch continues, and silence Lightning's warning that it cannot:
+        Lightning sees only that the DataLoader has no ``state_dict``, not that the batch sampler
+        resumes from the trainer's own batch count."""
+        warnings.filterwarnings("ignore", message=_LIGHTNING_NOT_RESUMABLE, category=PossibleUserWarning)
+        rank_zero_info(f"{type(self).__name__}: {how}; no example is skipped or repeated")
 
     def _saved_cut(self, sampler: ResumableBatchSampler) -> dict[str, int]:
         """The checkpoint's cut of the current epoch; this run's shape for older checkpoints."""

@@ -226,16 +226,23 @@ def test_lr_scaling_is_applied_once_and_survives_resume(tmp_path: Path) -> None:
     assert lr_scale(256, 64, "sqrt") == 2.0 and lr_scale(256, 64, "linear") == 4.0
     from litplug.core.data import DigitsDataModule
 
-    def fit(max_steps: int, callback: DistributedPlugins, ckpt: Path | None = None) -> float:
+    def fit(max_steps: int, callback: DistributedPlugins, ckpt: Path | None = None, batch: int = 16) -> float:
         module = LitplugModule(torch.nn.Linear(64, 10), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
         trainer = quiet_trainer(max_steps=max_steps, callbacks=[callback], limit_val_batches=0)
-        trainer.fit(module, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt)
-        trainer.save_checkpoint(tmp_path / "c.ckpt")
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=batch), ckpt_path=ckpt)
+        trainer.save_checkpoint(tmp_path / f"c{max_steps}.ckpt")
         return trainer.optimizers[0].param_groups[0]["lr"]
 
     assert fit(2, DistributedPlugins(lr_scaling="linear", base_batch_size=4)) == pytest.approx(0.04)
-    resumed = fit(3, DistributedPlugins(lr_scaling="linear", base_batch_size=4), tmp_path / "c.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = fit(3, DistributedPlugins(lr_scaling="linear", base_batch_size=4), tmp_path / "c2.ckpt")
     assert resumed == pytest.approx(0.04)  # not scaled a second time
+    assert not [w for w in caught if "DistributedPlugins" in str(w.message)]
+    # On another global batch (other devices, another batch size) it keeps the scaled rates, and says so.
+    other = "resumed with global batch 32, but the learning rates in the checkpoint were scaled x4 for global batch 16"
+    with pytest.warns(UserWarning, match=other):
+        assert fit(4, DistributedPlugins("linear", 4), tmp_path / "c3.ckpt", batch=32) == pytest.approx(0.04)
 
 
 def test_gpu_check_script_dry_runs_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from litplug.core import distributed
 from litplug.core.errors import LitplugError
@@ -75,6 +75,7 @@ class DistributedPlugins(Callback):
         self.check_agreement = check_agreement
         self.agreement_rtol = agreement_rtol
         self.applied_scale: float | None = None
+        self.scaled_for_batch: int | None = None  # the global batch applied_scale was computed for
 
     @classmethod
     def example(cls) -> DistributedPlugins:
@@ -113,15 +114,30 @@ class DistributedPlugins(Callback):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, LEGW) and global_batch is not None:
                 callback.set_global_batch_size(global_batch)
-        if self.lr_scaling == "none" or self.applied_scale is not None:
-            return  # nothing to scale, or already scaled before a resume (the optimizer state has it)
+        if self.lr_scaling == "none":
+            return
         assert global_batch is not None and self.base_batch_size is not None
+        if self.applied_scale is not None:  # scaled before a resume: the optimizer state has it
+            self._warn_if_scaled_for_another_batch(global_batch)
+            return
         scale = lr_scale(global_batch, self.base_batch_size, self.lr_scaling)
         _scale_learning_rates(trainer, scale)
-        self.applied_scale = scale
+        self.applied_scale, self.scaled_for_batch = scale, global_batch
         rank_zero_info(
             f"DistributedPlugins: global batch {global_batch} (x{trainer.world_size} devices); "
             f"lr x {scale:.4g} ({self.lr_scaling} against {self.base_batch_size})"
+        )
+
+    def _warn_if_scaled_for_another_batch(self, global_batch: int) -> None:
+        saved = self.scaled_for_batch
+        if saved is None or saved == global_batch:
+            return
+        assert self.base_batch_size is not None and self.applied_scale is not None
+        rank_zero_warn(
+            f"DistributedPlugins: resumed with global batch {global_batch}, but the learning rates in "
+            f"the checkpoint were scaled x{self.applied_scale:.4g} for global batch {saved}; keeping "
+            f"them (this batch alone would give x{lr_scale(global_batch, self.base_batch_size, self.lr_scaling):.4g}). "
+            "Resume with the same devices and batch size to keep the recipe."
         )
 
     def _needs_batch(self, trainer: L.Trainer) -> bool:
@@ -167,10 +183,11 @@ class DistributedPlugins(Callback):
     # -- checkpointed state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"applied_scale": self.applied_scale}
+        return {"applied_scale": self.applied_scale, "scaled_for_batch": self.scaled_for_batch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied_scale = state_dict.get("applied_scale")
+        self.scaled_for_batch = state_dict.get("scaled_for_batch")  # absent in older checkpoints
 
 
 def _close(a: tuple[float, float], b: tuple[float, float], rtol: float) -> bool:

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litplug.callbacks.preemption import PreemptionCheckpoint
+from litplug.core.data import continual, shifted  # noqa: F401  (so --data=<any built-in> resolves)
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import CheckpointError, LitplugError
 from litplug.core.manager import TRACE_ENV

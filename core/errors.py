@@ -29,6 +29,24 @@ class ModuleConfigError(LitplugError, ValueError):
         super().__init__(f"LitplugModule: argument '{argument}' {problem}")
 
 
+class DataConfigError(LitplugError, ValueError):
+    """A data module was configured with a value it cannot work with (at construction)."""
+
+    def __init__(self, data_module: str, problem: str) -> None:
+        self.data_module = data_module
+        self.problem = problem
+        super().__init__(f"data module {data_module}: {problem}")
+
+
+class ModelConfigError(LitplugError, ValueError):
+    """A reference model (``litplug.core.models``) was built with a value it cannot work with."""
+
+    def __init__(self, model: str, problem: str) -> None:
+        self.model = model
+        self.problem = problem
+        super().__init__(f"model {model}: {problem}")
+
+
 class PluginSetupError(LitplugError):
     """The set of configured plugins cannot run together or on this model (order, conflicts, features)."""
 

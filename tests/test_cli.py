@@ -130,6 +130,29 @@ def test_bad_configs_fail_before_training_with_a_clear_message(
     assert "Epoch 0" not in captured.out + captured.err
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--data.batch_size=0", "data module DigitsDataModule: batch_size must be an integer >= 1, got 0"),
+        ("--data.val_fraction=1.5", "data module DigitsDataModule: val_fraction must be in [0, 1), got 1.5"),
+        (
+            "--data=SplitDigitsDataModule --data.classes_per_task=3",
+            "data module SplitDigitsDataModule: classes_per_task must divide 10, got 3",
+        ),
+        ("--model.model.init_args.dropout=1.5", "model MLP: dropout must be in [0, 1), got 1.5"),
+    ],
+    ids=["batch-size", "fraction", "subclass", "reference-model"],
+)
+def test_a_bad_data_or_model_argument_fails_in_one_line_naming_the_class(
+    tmp_path: Path, capfd, override: str, expected: str
+) -> None:
+    """Not the long jsonargparse union error a bare ValueError from an __init__ gives."""
+    config = _config(tmp_path, "[]", extra="  fast_dev_run: true\n")
+    assert main(["fit", "--config", config, *override.split()]) == 2
+    err = capfd.readouterr().err
+    assert f"litplug: error: {expected}" in err and "Traceback" not in err
+
+
 def test_conflicting_plugins_fail_before_training(tmp_path: Path, capfd) -> None:
     plugins = (
         "\n    - class_path: helpers.Named\n      init_args: {label: a, conflicts: [b]}"

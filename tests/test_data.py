@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ from litplug.core.data import (
 )
 from litplug.core.data.digits import _raw_digits
 from litplug.core.data.text import VOCAB_SIZE, decode, encode, stdlib_python_files
+from litplug.core.errors import DataConfigError
 
 # ---------------------------------------------------------------- sampler
 
@@ -180,7 +182,7 @@ def test_sampler_validates_arguments(kwargs: dict[str, int], name: str) -> None:
 
 
 def test_datamodule_validates_arguments() -> None:
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(DataConfigError, match="^data module DigitsDataModule: batch_size must be"):
         DigitsDataModule(batch_size=0)
     with pytest.raises(ValueError, match="val_fraction"):
         DigitsDataModule(val_fraction=1.5)
@@ -365,6 +367,23 @@ def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path: 
 
 
 # ---------------------------------------------------------------- digits
+
+
+def test_a_data_module_of_yours_names_itself_in_its_argument_errors() -> None:
+    """Any LitplugDataModule subclass: a ValueError from its __init__, or from a base class's,
+    becomes a DataConfigError naming the class configured."""
+
+    class MyData(IndexData):
+        def __init__(self, window: int = 3, batch_size: int = 8) -> None:
+            super().__init__(batch_size=batch_size)
+            if window < 1:
+                raise ValueError(f"window must be >= 1, got {window}")
+
+    with pytest.raises(DataConfigError, match="^data module MyData: window must be >= 1, got 0$"):
+        MyData(window=0)
+    with pytest.raises(DataConfigError, match="^data module MyData: batch_size must be an integer >= 1"):
+        MyData(batch_size=0)
+    assert list(inspect.signature(MyData).parameters) == ["window", "batch_size"]  # what the CLI reads
 
 
 def test_digits_split_disjoint_stratified_deterministic() -> None:

@@ -10,9 +10,10 @@ of the epoch it had not reached, in new batches.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from litplug.core.errors import DataConfigError
 
 __all__ = ["LitplugDataModule", "ResumableBatchSampler"]
 
@@ -166,6 +169,24 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return self.batches_after(0)
 
 
+def _naming_the_data_module(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` raising a DataConfigError that names the class configured (``type(self)``) in place
+    of a ValueError: through the CLI a bare ValueError surfaces inside a long jsonargparse error,
+    a LitplugError as one line. Every argument check in a data module's ``__init__`` raises a
+    ValueError that names the argument; a user's own subclass gets the same for free."""
+
+    @functools.wraps(init)
+    def checked_init(self: LitplugDataModule, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except DataConfigError:
+            raise  # from a base class's __init__: already named
+        except ValueError as err:
+            raise DataConfigError(type(self).__name__, str(err)) from err
+
+    return checked_init
+
+
 class LitplugDataModule(L.LightningDataModule):
     """Base data module: seeded, exactly-resumable, self-sharding train loaders.
 
@@ -190,6 +211,11 @@ class LitplugDataModule(L.LightningDataModule):
         persistent_workers: keep the worker processes between epochs instead of starting them
             again for every loader pass; needs ``num_workers`` > 0. It pays when epochs are short.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _naming_the_data_module(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(
         self,

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from litplug.core.errors import ModelConfigError
+
 __all__ = ["MLP"]
 
 
@@ -32,7 +34,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ModelConfigError("MLP", f"dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = input_dim
         for hidden in hidden_dims:

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from litplug.core.errors import ModelConfigError
+
 __all__ = ["CausalSelfAttention", "FeedForward", "ResidualSublayer", "TransformerLanguageModel"]
 
 NormPosition = Literal["post", "pre"]
@@ -75,7 +77,9 @@ class ResidualSublayer(nn.Module):
     def __init__(self, branch: nn.Module, d_model: int, norm_position: NormPosition = "post") -> None:
         super().__init__()
         if norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+            raise ModelConfigError(
+                type(self).__name__, f"norm_position must be 'post' or 'pre', got {norm_position!r}"
+            )
         self.branch = branch
         self.norm = nn.LayerNorm(d_model)
         self.norm_position: NormPosition = norm_position
@@ -126,12 +130,13 @@ class TransformerLanguageModel(nn.Module):
         norm_position: NormPosition = "post",
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if d_model % num_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must divide d_model ({d_model})")
+            raise ModelConfigError(name, f"num_heads ({num_heads}) must divide d_model ({d_model})")
         if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+            raise ModelConfigError(name, f"num_layers must be >= 1, got {num_layers}")
         if norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+            raise ModelConfigError(name, f"norm_position must be 'post' or 'pre', got {norm_position!r}")
         self.max_len = max_len
         self.norm_position: NormPosition = norm_position
         self.token_embedding = nn.Embedding(vocab_size, d_model)

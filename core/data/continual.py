@@ -93,13 +93,7 @@ class ContinualDataModule(LitplugDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-        )
+        super().__init__(batch_size, seed, num_workers, pin_memory, persistent_workers)
         self._init_schedule(epochs_per_task, scenario)
 
     def _init_schedule(self, epochs_per_task: int, scenario: Scenario) -> None:

@@ -129,13 +129,7 @@ class DigitsDataModule(LitplugDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-        )
+        super().__init__(batch_size, seed, num_workers, pin_memory, persistent_workers)
         _check_fractions(val_fraction, test_fraction)
         if form not in _FORM_SHAPES:
             raise ValueError(f"form must be one of {sorted(_FORM_SHAPES)}, got {form!r}")

@@ -84,13 +84,7 @@ class _GeneratedDataModule(LitplugDataModule):
         pin_memory: bool,
         persistent_workers: bool,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-        )
+        super().__init__(batch_size, seed, num_workers, pin_memory, persistent_workers)
         _check_sizes(num_train, num_val, num_test)
         self.num_train = num_train
         self.num_val = num_val

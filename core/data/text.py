@@ -140,13 +140,7 @@ class StdlibTextDataModule(LitplugDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-        )
+        super().__init__(batch_size, seed, num_workers, pin_memory, persistent_workers)
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if num_files < 1:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -30,6 +31,7 @@ from litplug.core.loop_state import close_finished_epoch
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
+from litplug.core.tuning import keep_the_tuned_values_on_resume
 
 _given_hyperparameters: ContextVar[Any] | None
 try:  # Lightning stores the CLI's plain config instead of objects when this is set.
@@ -537,6 +539,10 @@ class LitplugModule(L.LightningModule):
         self._restore_plugin_states(saved["plugins"])
         if self._trainer is not None:  # resuming training: replay the random stream from here
             self._pending_rng_state = saved.get("rng")
+            # A fit restores the user's checkpoint before it makes the optimizers; the tuners'
+            # own restores of their trial checkpoints come later, inside on_fit_start.
+            if self._trainer.state.fn == TrainerFn.FITTING and not self._trainer.optimizers:
+                keep_the_tuned_values_on_resume(self._trainer, checkpoint)
         self.hooks.on_load_checkpoint(module=self, checkpoint=checkpoint)
 
     def _restore_plugin_states(self, saved: dict[str, dict[str, Any]]) -> None:

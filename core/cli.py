@@ -33,6 +33,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -41,7 +42,7 @@ from litplug.core.data import continual, shifted  # noqa: F401  (so --data=<any 
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import CheckpointError, LitplugError
 from litplug.core.manager import TRACE_ENV
-from litplug.core.module import LitplugModule
+from litplug.core.module import CHECKPOINT_KEY, LitplugModule
 
 TRACE_FLAG = "--trace-hooks"
 SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N in the shell
@@ -110,6 +111,8 @@ class LitplugCLI(LightningCLI):
                     if found
                     else "litplug fit: --ckpt_path last found no checkpoint of this config; training from the start"
                 )
+        if isinstance(kwargs.get("ckpt_path"), (str, os.PathLike)):
+            continue_wandb_run(self.trainer, os.fspath(kwargs["ckpt_path"]))
         self.trainer.fit(**kwargs)
 
     def validate(self, **kwargs: Any) -> None:
@@ -306,6 +309,31 @@ def resume_checkpoint(trainer: L.Trainer) -> str | None:
         return None
     # ties (coarse file-system clocks) are files saved at the same step; the name makes it stable
     return max(existing, key=lambda path: (get_filesystem(path).modified(path), path))
+
+
+def continue_wandb_run(trainer: L.Trainer, ckpt_path: str) -> None:
+    """Make a resumed fit log into the W&B run of the checkpoint, not into a new one.
+
+    Lightning's ``WandbLogger`` starts a new run unless it is given an ``id``, so every requeue of a
+    preempted job would split its curves over several runs. The checkpoint records the run id
+    (``LitplugModule`` saves its loggers' versions); a ``WandbLogger`` configured without an ``id``
+    or ``version``, whose run has not started yet, takes it (Lightning's default ``resume="allow"``
+    continues it). An ``id`` in the config wins, so giving one starts or continues that run instead.
+    """
+    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    unset = [lg for lg in wandb_loggers if lg._id is None and lg._experiment is None]
+    if not unset or ckpt_path in LIGHTNING_CKPT_NAMES:
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    run_ids = [
+        entry["version"]
+        for entry in (saved.get(CHECKPOINT_KEY) or {}).get("loggers", [])
+        if entry.get("class") == WandbLogger.__name__ and entry.get("version")
+    ]
+    for logger, run_id in zip(unset, run_ids, strict=False):
+        logger._wandb_init["id"] = logger._id = run_id  # read when the run starts (wandb.init)
+        if trainer.is_global_zero:
+            print(f"litplug fit: continuing W&B run {run_id}, the checkpoint's")
 
 
 def saved_best_checkpoint(trainer: L.Trainer) -> str:

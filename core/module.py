@@ -509,8 +509,15 @@ class LitplugModule(L.LightningModule):
             "order": self.hooks.order(),
             "plugins": {p.name: self._plugin_checkpoint_entry(p) for p in self.plugins},
             "rng": _get_rng_state(),
+            # what `litplug fit --ckpt_path` continues (the same W&B run): [{"class", "version"}]
+            "loggers": [
+                {"class": type(lg).__name__, "version": _plain_version(lg)} for lg in self._loggers()
+            ],
         }
         self.hooks.on_save_checkpoint(module=self, checkpoint=checkpoint)
+
+    def _loggers(self) -> list[Any]:
+        return list(self._trainer.loggers) if self._trainer is not None else []
 
     @staticmethod
     def _plugin_checkpoint_entry(plugin: Plugin) -> dict[str, Any]:
@@ -618,6 +625,12 @@ def _own_rank_state(plugin: Plugin, entry: dict[str, Any]) -> Any:
             stacklevel=3,
         )
     return rank_states[rank % len(rank_states)]
+
+
+def _plain_version(logger: Any) -> str | None:
+    """A logger's version as a string (checkpoints load with weights_only=True)."""
+    version = logger.version
+    return None if version is None else str(version)
 
 
 def _batch_size(targets: Tensor) -> int:

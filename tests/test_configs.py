@@ -67,3 +67,29 @@ def test_wandb_offline_run_has_the_plugin_order_and_no_secret(tmp_path: Path) ->
     assert leaking == []
     records = b"".join(p.read_bytes() for p in written if p.suffix == ".wandb")  # the offline run's log
     assert b"litplug/plugin_order" in records
+
+
+def test_a_resumed_wandb_run_continues_the_checkpoints_run(tmp_path: Path) -> None:
+    """`--ckpt_path last` with configs/wandb.yaml logs into the W&B run the checkpoint came from
+    (Lightning's WandbLogger would start a new one and split the curves). Two fresh processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    config = Path(__file__).resolve().parent.parent / "configs" / "wandb.yaml"
+    args = ["fit", "--config", str(config), "--trainer.enable_progress_bar=false", "--test_after_fit=false"]
+    runs = []
+    for more in (["--trainer.max_steps=2"], ["--trainer.max_steps=4", "--ckpt_path", "last"]):
+        completed = subprocess.run(
+            [sys.executable, "-m", "litplug.core.cli", *args, *more],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        runs.append(completed.stdout)
+    offline_runs = sorted(p.name for p in tmp_path.rglob("offline-run-*") if p.is_dir())
+    assert len(offline_runs) == 2, offline_runs
+    run_ids = {name.rsplit("-", 1)[1] for name in offline_runs}
+    assert len(run_ids) == 1, offline_runs
+    assert f"litplug fit: continuing W&B run {run_ids.pop()}, the checkpoint's" in runs[1]

@@ -6,7 +6,8 @@
   after fitting: on the best checkpoint when a ``ModelCheckpoint`` monitors a metric, on the final
   weights otherwise.
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory (of the test
-  data when the data module has no predict data). ``--ckpt_path last`` is the newest checkpoint
+  data when the data module has no predict data). ``litplug export`` saves that prediction as a
+  ``torch.export`` program (``predictor.pt2``) that runs with torch alone. ``--ckpt_path last`` is the newest checkpoint
   of the config in any of its logger's run folders (:func:`resume_checkpoint`).
 - ``litplug plugins [--config X.yaml ...]``: every available plugin (name, package, summary) and,
   given a config (with any overrides, as ``fit`` takes them), the resolved plugin order.
@@ -31,8 +32,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _get_short_description
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -41,6 +42,7 @@ from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.data import continual, shifted  # noqa: F401  (so --data=<any built-in> resolves)
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import CheckpointError, LitplugError
+from litplug.core.export import EXPORT_FILE, capture_predictor, describe_inputs
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import CHECKPOINT_KEY, LitplugModule
 
@@ -49,7 +51,8 @@ SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N in the 
 SIGTERM_EXIT_CODE = SIGNAL_EXIT_BASE + signal.SIGTERM  # 143
 DESCRIPTION = (
     "litplug: published training methods as composable plugins for PyTorch Lightning. "
-    "Subcommands fit, validate, test and predict are LightningCLI's; "
+    "Subcommands fit, validate, test and predict are LightningCLI's; export saves a trained model's "
+    "prediction as a torch.export program; "
     "'litplug plugins [--config X.yaml ...]' lists every available plugin and the order a config's "
     "plugins run in. --trace-hooks logs every hook call; --version prints the versions in use."
 )
@@ -73,6 +76,33 @@ class LitplugCLI(LightningCLI):
         # litplug's data modules shard their own batches per rank (exact resume needs their sampler).
         kwargs["trainer_defaults"] = {"use_distributed_sampler": False, **kwargs.get("trainer_defaults", {})}
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        """LightningCLI's subcommands plus ``export``, whose arguments come from :meth:`export`.
+
+        LightningCLI builds a subcommand's parser from the Trainer method of its name; the Trainer
+        has no ``export``.
+        """
+        self._subcommand_parsers: dict[str, Any] = {}
+        parser_subcommands = parser.add_subcommands()
+        trainer_class = self.trainer_class if isinstance(self.trainer_class, type) else L.Trainer
+        for subcommand in self.subcommands():
+            klass = type(self) if subcommand == "export" else trainer_class
+            description = _get_short_description(getattr(klass, subcommand))
+            subparser_kwargs = {"description": description, **kwargs.get(subcommand, {})}
+            subcommand_parser = self._prepare_subcommand_parser(klass, subcommand, **subparser_kwargs)
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "export":  # LightningCLI looks for a Trainer method of the name first
+            super()._run_subcommand(subcommand)
+            return
+        self.export(**self._prepare_subcommand_kwargs(subcommand))
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"data": {"class_path": "litplug.core.data.DigitsDataModule"}})
@@ -215,6 +245,43 @@ class LitplugCLI(LightningCLI):
         counts = ", ".join(str(len(p["predicted"])) for p in saved)
         print(f"litplug predict: {counts} predictions written to {path}")
 
+    def export(
+        self,
+        model: LitplugModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        export_path: str | None = None,
+        dynamic_batch: bool = True,
+    ) -> None:
+        """Save a trained model's prediction as a torch.export program (.pt2) that runs with torch alone.
+
+        The prediction of ``litplug predict``: the checkpoint is loaded as ``predict`` loads it and
+        one batch of the predict (by default test) data is predicted; its inputs are the example
+        ``torch.export`` captures, under the same evaluation weights (EMA's average, an ensemble's
+        averaged probabilities). Rank zero writes the program, checked to predict what the module
+        predicts on that batch.
+
+        Args:
+            model: the configured module.
+            datamodule: its data.
+            ckpt_path: the checkpoint to export: a path, "last" or "best" as for test; without
+                one, the model as configured.
+            export_path: where to write the program (default: predictor.pt2 in the run directory).
+            dynamic_batch: let the program take any batch size (else only the example's).
+        """
+        if not isinstance(model, LitplugModule):
+            raise TypeError(f"litplug export needs a LitplugModule, got {type(model).__name__}")
+        kwargs = self._checkpoint_to_evaluate({"ckpt_path": ckpt_path})
+        if datamodule is not None and _predict_test_split_if_no_predict_data(datamodule):
+            if self.trainer.is_global_zero:
+                print(
+                    f"litplug export: {type(datamodule).__name__} has no predict_dataloader; using its test data"
+                )
+        export = ExportPrediction(export_path, dynamic_batch)
+        self.trainer.callbacks.append(export)  # type: ignore[attr-defined]
+        self.trainer.limit_predict_batches = 1  # one batch gives the example inputs
+        self.trainer.predict(model, datamodule=datamodule, return_predictions=False, **kwargs)
+
     def _report(self, stage: str, metrics: dict[str, float], tested_checkpoint: str | None = None) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: all ranks
         if self.trainer.is_global_zero:
@@ -244,6 +311,54 @@ class LitplugCLI(LightningCLI):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             print(f"results written to {path}")
+
+
+class ExportPrediction(Callback):
+    """Saves the module's prediction as a ``torch.export`` program on the first predict batch.
+
+    The predict loop has the checkpoint loaded and the plugins' evaluation weights in place then.
+    Rank zero captures, checks and writes it from inside the loop, so spawn strategies (whose
+    workers' results never come back to the launching process) write it too.
+    """
+
+    def __init__(self, export_path: str | None, dynamic_batch: bool = True) -> None:
+        self.export_path = export_path
+        self.dynamic_batch = dynamic_batch
+        self.path: Path | None = None
+        self.written = False
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
+        self.path = Path(self.export_path) if self.export_path else Path(run_dir or ".") / EXPORT_FILE
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.written or not trainer.is_global_zero:
+            return
+        assert isinstance(pl_module, LitplugModule) and self.path is not None
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        program = capture_predictor(pl_module, inputs, self.dynamic_batch)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, self.path)
+        self.written = True
+        sizes = "any batch size" if self.dynamic_batch else f"batches of {inputs.shape[0]}"
+        classes = outputs.shape[-1] if isinstance(outputs, torch.Tensor) else "K"
+        print(
+            f"litplug export: inputs {describe_inputs(inputs)} ({sizes}) -> class probabilities "
+            f"[B, {classes}]; written to {self.path}\n"
+            f"  load it with torch alone: torch.export.load({str(self.path)!r}).module()(inputs)"
+        )
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not self.written:
+            raise RuntimeError("litplug export: the predict data gave no batch to export with")
 
 
 #: Trainer arguments where an int counts batches and a float is a fraction of them.

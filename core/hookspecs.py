@@ -94,8 +94,10 @@ def litplug_transform_batch(module: LightningModule, batch: Any, stage: str) -> 
     """Transform a batch before the forward pass (perturb, tile, mix, attack).
 
     Fires in every step of every stage (``stage`` is ``"train"``, ``"val"``, ``"test"`` or
-    ``"predict"``), after the batch is on the device. Results: chained: return the new batch or
-    ``None`` for "unchanged". Ranks: all, each on its own shard.
+    ``"predict"``), after the batch is on the device. At ``"predict"`` the batch may be bare
+    inputs, and ``litplug export`` captures the call with ``torch.export`` (CONTRIBUTING.md:
+    Export). Results: chained: return the new batch or ``None`` for "unchanged". Ranks: all,
+    each on its own shard.
     """
 
 
@@ -130,8 +132,9 @@ def litplug_log_probs(module: LightningModule, outputs: Any, stage: str) -> Tens
     """Turn the model's outputs into class log-probabilities for metrics and prediction.
 
     Fires in every validation/test/predict step, and in training steps when training metrics are
-    logged. Ensembles and MIMO average member probabilities here. Results: first result; default
-    ``log_softmax(outputs, dim=-1)``. Ranks: all.
+    logged. Ensembles and MIMO average member probabilities here; at ``"predict"`` it is part of
+    what ``litplug export`` captures. Results: first result; default ``log_softmax(outputs,
+    dim=-1)``. Ranks: all.
     """
 
 

@@ -447,6 +447,16 @@ class LitplugModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self._eval_step(batch, "test", dataloader_idx)
 
+    def predict_probs(self, inputs: Any) -> Tensor:
+        """Class probabilities of raw ``inputs`` by the configured plugins' prediction rule.
+
+        What :meth:`predict_step` returns for a batch of these inputs; in eval mode under the
+        plugins' evaluation weights (:func:`litplug.core.export.evaluation_weights`) it is the
+        prediction ``litplug predict`` and ``litplug export`` give.
+        """
+        inputs = self.hooks.transform_batch(module=self, batch=inputs, stage="predict")
+        return self.log_probs(self(inputs), "predict").exp()
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         batch = self.hooks.transform_batch(module=self, batch=batch, stage="predict")
         inputs = self.split_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch

@@ -152,6 +152,25 @@ def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root
     saved = json.loads(results.read_text())
     assert saved["global_step"] == 5 and saved["metrics"]["train/loss"] > 0
 
+    # Export under a spawn strategy: rank zero writes the program from inside its worker process.
+    target = tmp_path / "model.pt2"
+    export = litplug_command(
+        "export",
+        repo_root / "configs" / "quickstart.yaml",
+        "--trainer.strategy=ddp_spawn",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--ckpt_path=last",
+        f"--export_path={target}",
+    )
+    completed = _run_retrying_once(export, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.stdout.count(f"written to {target}") == 1  # rank zero alone
+    assert torch.export.load(target).module()(torch.zeros(3, 64)).shape == (3, 10)
+
 
 @pytest.mark.slow
 def test_resuming_mid_epoch_on_another_number_of_processes_trains_on_the_rest_of_the_epoch(

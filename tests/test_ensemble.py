@@ -62,6 +62,17 @@ def test_vectorised_and_sequential_predictions_agree(model_fn, inputs) -> None:
     assert torch.equal(vectorised, again)
 
 
+def test_the_vmap_eval_path_traces_as_the_members_one_by_one() -> None:
+    """jit.trace cannot record functional_call: traced, the members run one by one (same outputs)."""
+    stack = _stack(lambda: MLP(64, [16], batch_norm=True))
+    stack.eval_path = "vmap"
+    stack.eval()
+    inputs = torch.rand(6, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(stack, inputs)
+        torch.testing.assert_close(traced(inputs), stack(inputs), rtol=1e-5, atol=1e-6)
+
+
 def test_the_eval_cache_follows_parameter_updates() -> None:
     stack = _stack(lambda: MLP(64, [16])).eval()
     inputs = torch.rand(5, 64)

@@ -73,6 +73,23 @@ def test_ghost_covering_the_batch_equals_batchnorm(kind: str, ghost: int) -> Non
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
+def test_eval_mode_traces_and_exports_for_any_batch_size(kind: str) -> None:
+    """Eval is BatchNorm whatever the batch: jit.trace (ONNX's legacy exporter) and torch.export
+    with a free batch size must not record the ghost split of the example's batch size."""
+    torch.manual_seed(2)
+    bn_cls, shape = SHAPES[kind]
+    bn = _random_bn(bn_cls, shape[1]).eval()
+    gbn = GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), 8).eval()
+    example, other = torch.randn(shape), torch.randn(5, *shape[1:])
+    with torch.no_grad():
+        traced = torch.jit.trace(gbn, example)
+    exported = torch.export.export(gbn, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with torch.no_grad():
+        for run in (traced, exported.module()):
+            torch.testing.assert_close(run(other), bn(other), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
 def test_eval_equals_batchnorm_eval(kind: str) -> None:
     torch.manual_seed(1)
     bn_cls, shape = SHAPES[kind]

@@ -493,10 +493,12 @@ class GumbelGateLSTM(nn.LSTM):
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         config = _GateConfig(self.p, self.tau, self.gates, self.tau_at_eval)
+        # A captured graph (torch.export, compile) cannot store tensors on the module as a side effect.
+        record = self.record_gates and not torch.compiler.is_compiling()
         output, state, gate_values = _lstm_forward(
-            self, input, hx, config, self.training, self.implementation, self.record_gates
+            self, input, hx, config, self.training, self.implementation, record
         )
-        if self.record_gates:
+        if record:
             self.last_gate_values = gate_values
         return output, state
 

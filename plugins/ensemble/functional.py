@@ -201,10 +201,14 @@ class MemberStack(nn.Module):
 
     def forward_with(self, path: ForwardPath, inputs: Any) -> Tensor:
         """Stacked member outputs through an explicit ``path``."""
-        if path == "sequential":
+        # jit.trace cannot record functional_call (the stateless API); the members one by one give
+        # the same outputs and trace.
+        if path == "sequential" or torch.jit.is_tracing():
             return sequential_forward(self.members, inputs)
         if path == "vmap":
-            cached = None if self.training or torch.is_grad_enabled() else self._cached_eval_params()
+            # The cache is keyed on data pointers, which export's fake tensors do not have.
+            uncached = self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            cached = None if uncached else self._cached_eval_params()
             try:
                 return vectorised_forward(self.members, inputs, cached)
             except RuntimeError as err:

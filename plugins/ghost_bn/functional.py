@@ -274,9 +274,12 @@ def ghost_batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("ghost_batch_norm: pass both running_mean and running_var, or neither")
     check_partition(partition, "ghost_batch_norm")
+    # Eval is BatchNorm, decided before any arithmetic on the batch size: jit.trace, ONNX and
+    # torch.export with a dynamic batch see the size as a tensor / symbol, and eval must not depend on it.
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     num_equal, ghost, tail = ghost_batch_sizes(x.shape[0], ghost_batch_size)
-    single_ghost = num_equal == 0 or (num_equal == 1 and tail == 0)
-    if not training or single_ghost:  # exactly BatchNorm (eval, or one ghost batch = the batch)
+    if num_equal == 0 or (num_equal == 1 and tail == 0):  # one ghost batch = the batch: BatchNorm
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
     if not tail:  # the common case: equal ghost batches, one call, one running-statistics update

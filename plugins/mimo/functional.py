@@ -213,8 +213,13 @@ class _SummedEvalInput:
 
     def _summed_weight(self) -> Tensor:
         weight = self.weight
-        if self.training or (torch.is_grad_enabled() and weight.requires_grad):
-            return sum_member_blocks(weight, self.num_members)  # differentiable, never cached
+        # Not cached when differentiable, nor under torch.export / compile: the key needs a data pointer.
+        if (
+            self.training
+            or (torch.is_grad_enabled() and weight.requires_grad)
+            or torch.compiler.is_compiling()
+        ):
+            return sum_member_blocks(weight, self.num_members)
         key = (weight.data_ptr(), weight._version, weight.dtype)
         cache = self._summed_cache
         if cache is None or cache[0] != key:
@@ -473,7 +478,10 @@ def ensemble_log_probs(outputs: Tensor, num_members: int) -> Tensor:
     """
     if num_members == 1:
         return F.log_softmax(outputs, dim=-1)
-    if not (torch.is_grad_enabled() and outputs.requires_grad) and outputs.shape[-1] % num_members == 0:
+    # The short path branches on the values, which a traced or exported graph cannot follow.
+    graph_capture = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    short_path_applies = not (torch.is_grad_enabled() and outputs.requires_grad) and not graph_capture
+    if short_path_applies and outputs.shape[-1] % num_members == 0:
         heads = outputs.view(*outputs.shape[:-1], num_members, outputs.shape[-1] // num_members)
         log_mean = F.softmax(heads, dim=-1).mean(-2).log_()
         if log_mean.numel() == 0 or log_mean.amin().item() >= _log_tiny(log_mean.dtype):

@@ -1,0 +1,212 @@
+"""Exporting a trained module's prediction: ``export_predictor`` and ``litplug export``.
+
+Parametrised over the registry: every plugin's predict path must survive ``torch.export`` with a
+free batch size and give what ``predict_step`` gives, under the same evaluation weights.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import example_run, quiet_trainer
+from torch import nn
+
+from litplug.core.cli import main
+from litplug.core.data import DigitsDataModule
+from litplug.core.discovery import available_plugins
+from litplug.core.export import evaluation_weights, export_predictor, save_predictor
+from litplug.core.module import LitplugModule
+from litplug.core.plugin import Plugin
+from litplug.plugins.ema import EMA
+
+PLUGINS = sorted(available_plugins().values(), key=lambda info: info.name)
+CASES = [pytest.param(None, id="no-plugin")] + [pytest.param(info.cls, id=info.name) for info in PLUGINS]
+
+
+def _trained(plugin: Plugin | None, steps: int = 3) -> tuple[LitplugModule, torch.Tensor, torch.Tensor]:
+    """A module trained a few steps, and one test batch (inputs, targets) of its data."""
+    L.seed_everything(0)
+    model, data = example_run(plugin)
+    module = LitplugModule(
+        model, plugins=[plugin] if plugin else [], optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05)
+    )
+    quiet_trainer(max_steps=steps, limit_val_batches=0, enable_checkpointing=False).fit(
+        module, datamodule=data
+    )
+    data.setup("test")
+    inputs, targets = next(iter(data.test_dataloader()))
+    return module, inputs, targets
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("plugin_cls", CASES)
+def test_every_plugins_prediction_exports_with_a_free_batch_size(plugin_cls: type[Plugin] | None) -> None:
+    module, inputs, targets = _trained(plugin_cls.example() if plugin_cls else None)
+    before = _weights(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = export_predictor(module, inputs[:8])
+    assert [str(w.message) for w in caught] == []  # e.g. a module attribute set as a side effect
+    assert {
+        name: torch.equal(value, before[name]) for name, value in _weights(module).items()
+    } == dict.fromkeys(before, True)  # the module is left as it was: training weights back, nothing updated
+    assert module.training
+    with evaluation_weights(module), torch.no_grad():
+        expected = module.predict_step((inputs[:13], targets[:13]), 0)
+    got = program.module()(inputs[:13])  # another batch size than the example's (text batches: 8)
+    assert got.shape[0] == min(13, len(inputs))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)))
+
+
+def test_the_program_keeps_emas_average_and_owns_its_weights() -> None:
+    module, inputs, _ = _trained(EMA(decay=0.5), steps=5)
+    program = export_predictor(module, inputs[:8]).module()
+    exported = program(inputs[:8])
+    with torch.no_grad():
+        raw = module.model.eval()(inputs[:8]).softmax(-1)  # the live (training) weights
+        module.train()
+    assert not torch.allclose(exported, raw, atol=1e-4)  # it is the average, not the live weights
+    with evaluation_weights(module), torch.no_grad():
+        torch.testing.assert_close(exported, module.predict_probs(inputs[:8]))
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(1.0)  # the module moves on; the program must not
+    torch.testing.assert_close(program(inputs[:8]), exported, rtol=0, atol=0)
+
+
+def test_evaluation_weights_restores_the_training_weights_on_an_exception() -> None:
+    module, inputs, _ = _trained(EMA(decay=0.5), steps=5)
+    before = _weights(module)
+    with pytest.raises(ZeroDivisionError), evaluation_weights(module):
+        assert any(not torch.equal(v, before[k]) for k, v in _weights(module).items())  # average swapped in
+        raise ZeroDivisionError
+    assert all(torch.equal(v, before[k]) for k, v in _weights(module).items())
+    assert module.training
+
+
+def test_a_fixed_batch_program_and_the_argument_errors() -> None:
+    module, inputs, _ = _trained(None, steps=1)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        export_predictor(module, inputs[:1])
+    with pytest.raises(TypeError, match="tensor of raw inputs"):
+        export_predictor(module, (inputs[:4],))  # type: ignore[arg-type]
+    program = export_predictor(module, inputs[:1], dynamic_batch=False).module()
+    assert program(inputs[:1]).shape == (1, 10)
+    with pytest.raises(AssertionError, match=r"size\(\)\[0\] == 1"):  # the size is fixed
+        program(inputs[:4])
+
+
+def test_a_predict_path_export_cannot_capture_is_refused() -> None:
+    class CountsCalls(nn.Module):  # predicts from a Python counter: export bakes in one value
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.linear(x) * self.calls
+
+    module = LitplugModule(CountsCalls())
+    with pytest.raises(RuntimeError, match="differ from the module's"):
+        export_predictor(module, torch.randn(4, 64))
+
+
+PROGRAMS_WITHOUT_LITPLUG = """
+import sys
+sys.modules["litplug"] = None  # importing litplug (or anything of it) now fails
+import torch
+inputs = torch.load(sys.argv[1])
+for path in sys.argv[2:]:
+    expected = torch.load(path + ".expected")
+    torch.testing.assert_close(torch.export.load(path).module()(inputs), expected)
+print("loaded", len(sys.argv) - 2)
+"""
+
+
+def test_saved_programs_run_with_torch_alone(tmp_path: Path) -> None:
+    """GBN, the vectorised ensemble and MIMO use litplug code in training; the programs do not."""
+    paths = []
+    for name in ("ghost_bn", "ensemble", "mimo", "ema"):
+        module, inputs, _ = _trained(available_plugins()[name].cls.example())
+        path = save_predictor(module, inputs[:8], tmp_path / f"{name}.pt2")
+        with evaluation_weights(module), torch.no_grad():
+            torch.save(module.predict_probs(inputs[:11]), f"{path}.expected")
+        paths.append(str(path))
+    torch.save(inputs[:11], tmp_path / "inputs.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", PROGRAMS_WITHOUT_LITPLUG, str(tmp_path / "inputs.pt"), *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "loaded 4" in done.stdout
+
+
+CONFIG = """
+model:
+  model:
+    class_path: litplug.core.models.MLP
+    init_args: {hidden_dims: [16]}
+  plugins:
+    - class_path: EMA
+      init_args: {decay: 0.5}
+trainer:
+  max_epochs: 1
+  enable_progress_bar: false
+  default_root_dir: runs
+"""
+
+
+def test_litplug_export_writes_the_prediction_of_litplug_predict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    assert main(["fit", "--config", str(config)]) == 0
+    assert main(["predict", "--config", str(config), "--ckpt_path", "last"]) == 0
+    capsys.readouterr()
+    target = tmp_path / "deploy" / "model.pt2"
+    assert main(["export", "--config", str(config), "--ckpt_path", "last", "--export_path", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "litplug export: --ckpt_path last is" in out
+    assert (
+        f"inputs float32 [B, 64] (any batch size) -> class probabilities [B, 10]; written to {target}" in out
+    )
+    [predictions] = tmp_path.glob("runs/lightning_logs/version_*/predictions.pt")
+    probs = torch.load(predictions, weights_only=True)["probs"]
+    data = DigitsDataModule()
+    data.setup("test")
+    test_inputs = data.datasets["test"].tensors[0]
+    torch.testing.assert_close(torch.export.load(target).module()(test_inputs), probs)
+    # Without --export_path it lands in the run directory.
+    assert main(["export", "--config", str(config), "--ckpt_path", "last"]) == 0
+    assert len(list(tmp_path.glob("runs/lightning_logs/version_*/predictor.pt2"))) == 1
+
+
+def test_a_compiled_network_exports_its_prediction() -> None:
+    """``compile_model`` compiles the network in place; torch.export still captures it."""
+    L.seed_everything(0)
+    plugin = available_plugins()["ghost_bn"].cls.example()
+    model, data = example_run(plugin)
+    module = LitplugModule(
+        model, plugins=[plugin], compile_model=True, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05)
+    )
+    quiet_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False).fit(module, datamodule=data)
+    data.setup("test")
+    inputs = next(iter(data.test_dataloader()))[0]
+    program = export_predictor(module, inputs[:8]).module()
+    with evaluation_weights(module), torch.no_grad():
+        torch.testing.assert_close(program(inputs[:13]), module.predict_probs(inputs[:13]))

@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.data import continual, shifted  # noqa: F401  (so --data=<any built-in> resolves)
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import CheckpointError, LitplugError
-from litplug.core.export import EXPORT_FILE, capture_predictor, describe_inputs
+from litplug.core.export import EXPORT_FILE, capture_predictor, check_dynamic_dims, describe_program
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import CHECKPOINT_KEY, LitplugModule
 
@@ -252,6 +252,7 @@ class LitplugCLI(LightningCLI):
         ckpt_path: str | None = None,
         export_path: str | None = None,
         dynamic_batch: bool = True,
+        dynamic_dims: list[int] | None = None,
     ) -> None:
         """Save a trained model's prediction as a torch.export program (.pt2) that runs with torch alone.
 
@@ -268,6 +269,8 @@ class LitplugCLI(LightningCLI):
                 one, the model as configured.
             export_path: where to write the program (default: predictor.pt2 in the run directory).
             dynamic_batch: let the program take any batch size (else only the example's).
+            dynamic_dims: further input dimensions to leave free, e.g. [1] for a text model's
+                sequence length (up to a transformer's max_len); refused where the model fixes one.
         """
         if not isinstance(model, LitplugModule):
             raise TypeError(f"litplug export needs a LitplugModule, got {type(model).__name__}")
@@ -277,7 +280,7 @@ class LitplugCLI(LightningCLI):
                 print(
                     f"litplug export: {type(datamodule).__name__} has no predict_dataloader; using its test data"
                 )
-        export = ExportPrediction(export_path, dynamic_batch)
+        export = ExportPrediction(export_path, dynamic_batch, check_dynamic_dims(dynamic_dims or []))
         self.trainer.callbacks.append(export)  # type: ignore[attr-defined]
         self.trainer.limit_predict_batches = 1  # one batch gives the example inputs
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False, **kwargs)
@@ -321,9 +324,12 @@ class ExportPrediction(Callback):
     workers' results never come back to the launching process) write it too.
     """
 
-    def __init__(self, export_path: str | None, dynamic_batch: bool = True) -> None:
+    def __init__(
+        self, export_path: str | None, dynamic_batch: bool = True, dynamic_dims: Sequence[int] = ()
+    ) -> None:
         self.export_path = export_path
         self.dynamic_batch = dynamic_batch
+        self.dynamic_dims = list(dynamic_dims)
         self.path: Path | None = None
         self.written = False
 
@@ -344,15 +350,15 @@ class ExportPrediction(Callback):
             return
         assert isinstance(pl_module, LitplugModule) and self.path is not None
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        program = capture_predictor(pl_module, inputs, self.dynamic_batch)
+        program = capture_predictor(pl_module, inputs, self.dynamic_batch, self.dynamic_dims)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, self.path)
         self.written = True
-        sizes = "any batch size" if self.dynamic_batch else f"batches of {inputs.shape[0]}"
-        classes = outputs.shape[-1] if isinstance(outputs, torch.Tensor) else "K"
+        sizes = "B: any batch size" if self.dynamic_batch else f"batches of {inputs.shape[0]}"
+        takes, gives = describe_program(program)
         print(
-            f"litplug export: inputs {describe_inputs(inputs)} ({sizes}) -> class probabilities "
-            f"[B, {classes}]; written to {self.path}\n"
+            f"litplug export: inputs {takes} -> class probabilities {gives} ({sizes}); "
+            f"written to {self.path}\n"
             f"  load it with torch alone: torch.export.load({str(self.path)!r}).module()(inputs)"
         )
 

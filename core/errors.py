@@ -55,6 +55,10 @@ class PluginLoadError(LitplugError):
     """A third-party plugin could not be imported from its entry point."""
 
 
+class ExportError(LitplugError, ValueError):
+    """``export_predictor`` / ``litplug export`` was asked for a program it cannot write as asked."""
+
+
 class CheckpointError(LitplugError):
     """A checkpoint does not fit the configured plugins."""
 

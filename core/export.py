@@ -10,7 +10,7 @@ saved program (``torch.export.save``, a ``.pt2`` file) loads and runs with torch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
+from litplug.core.errors import ExportError
+
 if TYPE_CHECKING:
     from litplug.core.module import LitplugModule
 
@@ -26,8 +28,11 @@ __all__ = [
     "EXPORT_FILE",
     "Predictor",
     "capture_predictor",
+    "check_dynamic_dims",
     "evaluation_weights",
     "export_predictor",
+    "describe_program",
+    "input_sizes",
     "save_predictor",
 ]
 
@@ -90,7 +95,10 @@ def _owned_tensors(program: ExportedProgram) -> ExportedProgram:
 
 
 def export_predictor(
-    module: LitplugModule, example_inputs: Tensor, dynamic_batch: bool = True
+    module: LitplugModule,
+    example_inputs: Tensor,
+    dynamic_batch: bool = True,
+    dynamic_dims: Sequence[int] = (),
 ) -> ExportedProgram:
     """The module's prediction (:class:`Predictor`) captured by ``torch.export`` under its eval weights.
 
@@ -99,16 +107,24 @@ def export_predictor(
         example_inputs: a batch of raw inputs as the data module gives them (at least 2 examples
             when ``dynamic_batch``: export fixes a batch dimension of size 1).
         dynamic_batch: keep the batch size free, so the program takes any number of examples.
+        dynamic_dims: further input dimensions to keep free, e.g. ``(1,)`` for a text model's
+            sequence length. Each gets the range the model's code allows (a transformer's
+            ``max_len`` bounds it); :func:`input_sizes` tells the range. A dimension the model's
+            code (or a torch op it calls) fixes is refused with an :class:`ExportError`.
 
     The program's weights are copies, independent of the module's. Raises ``RuntimeError`` when
-    the program does not predict what the module predicts on ``example_inputs``.
+    the program does not predict what the module predicts on ``example_inputs`` (and, for each
+    free dimension, on the example cut one shorter along it).
     """
     with evaluation_weights(module):
-        return capture_predictor(module, example_inputs, dynamic_batch)
+        return capture_predictor(module, example_inputs, dynamic_batch, dynamic_dims)
 
 
 def capture_predictor(
-    module: LitplugModule, example_inputs: Tensor, dynamic_batch: bool = True
+    module: LitplugModule,
+    example_inputs: Tensor,
+    dynamic_batch: bool = True,
+    dynamic_dims: Sequence[int] = (),
 ) -> ExportedProgram:
     """:func:`export_predictor` for a module already under its evaluation weights (a predict loop)."""
     if not isinstance(example_inputs, Tensor):
@@ -116,11 +132,13 @@ def capture_predictor(
             f"export_predictor: example_inputs must be a tensor of raw inputs, got {type(example_inputs).__name__}"
         )
     if dynamic_batch and example_inputs.dim() > 0 and example_inputs.shape[0] < 2:
-        raise ValueError(
+        raise ExportError(
             "export_predictor: with dynamic_batch, example_inputs needs at least 2 examples "
             f"(got a batch of {example_inputs.shape[0]}; torch.export fixes a dimension of size 1)"
         )
-    dynamic_shapes = ({0: Dim("batch")},) if dynamic_batch else None
+    free_dims = _checked_dynamic_dims(dynamic_dims, example_inputs)
+    spec: dict[int, Any] = {0: Dim("batch")} if dynamic_batch else {}
+    spec.update(dict.fromkeys(free_dims, Dim.AUTO))  # the range is whatever the model's code allows
     predictor = Predictor(module)
     with torch.inference_mode(False), torch.no_grad():
         example_inputs = example_inputs.clone()  # a predict loop's batch is an inference tensor
@@ -128,9 +146,13 @@ def capture_predictor(
         # looking at values (MIMO's eval_input="auto"), which a captured graph cannot do.
         expected = predictor(example_inputs)
         program = _owned_tensors(
-            torch.export.export(predictor, (example_inputs,), dynamic_shapes=dynamic_shapes)
+            torch.export.export(predictor, (example_inputs,), dynamic_shapes=(spec,) if spec else None)
         )
         _check_same_predictions(program, example_inputs, expected)
+        for dim in free_dims:  # the program must run, and be right, at another size of a free dimension
+            shorter = example_inputs.narrow(dim, 0, example_inputs.shape[dim] - 1)
+            _check_dim_free(program, example_inputs, dim, shorter)
+            _check_same_predictions(program, shorter, predictor(shorter))
     return program
 
 
@@ -146,11 +168,123 @@ def _check_same_predictions(program: ExportedProgram, inputs: Tensor, expected: 
         )
 
 
+def check_dynamic_dims(dynamic_dims: Sequence[int]) -> list[int]:
+    """``dynamic_dims`` sorted, or an :class:`ExportError` unless they are distinct dimensions >= 1."""
+    dims = list(dynamic_dims)
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ExportError(
+                f"export_predictor: dynamic_dims must name input dimensions 1, 2, ... (the batch "
+                f"dimension 0 is dynamic_batch's), got {dim!r}"
+            )
+    if len(set(dims)) != len(dims):
+        raise ExportError(f"export_predictor: dynamic_dims names a dimension twice: {dims}")
+    return sorted(dims)
+
+
+def _checked_dynamic_dims(dynamic_dims: Sequence[int], example_inputs: Tensor) -> list[int]:
+    dims = check_dynamic_dims(dynamic_dims)
+    for dim in dims:
+        if dim >= example_inputs.dim():
+            raise ExportError(
+                f"export_predictor: dynamic_dims names dimension {dim}, but the inputs "
+                f"{describe_inputs(example_inputs)} have dimensions 0..{example_inputs.dim() - 1}"
+            )
+        if example_inputs.shape[dim] < 3:
+            raise ExportError(
+                f"export_predictor: to keep input dimension {dim} free, the example needs a size of at "
+                f"least 3 there (got {example_inputs.shape[dim]}; torch.export fixes sizes 0 and 1, and "
+                "the program is checked one shorter too)"
+            )
+    return dims
+
+
+def _check_dim_free(program: ExportedProgram, example_inputs: Tensor, dim: int, shorter: Tensor) -> None:
+    """``Dim.AUTO`` quietly fixes a dimension the model's code specializes (in the input's shape or
+    as a size check in the graph); refuse that instead of writing a program that takes one size."""
+    reason = None
+    if isinstance(input_sizes(program)[dim], int):
+        reason = "the traced input has a fixed size there"
+    else:
+        try:
+            program.module()(shorter)
+        except Exception as error:  # a size check in the graph (AssertionError "Guard failed: ...")
+            reason = f"the program refuses size {shorter.shape[dim]}: {error}"
+    if reason is not None:
+        raise ExportError(
+            f"export_predictor: input dimension {dim} cannot be kept free: the model fixes it at "
+            f"{example_inputs.shape[dim]} when torch.export traces it ({reason}). Its code branches on "
+            "that size, or a torch op it calls needs it fixed, as nn.LSTM does for the sequence length "
+            "in torch 2.13. Leave it out of dynamic_dims and export one program per size"
+        )
+
+
+Sizes = list[int | tuple[int, int | None]]
+
+
+def input_sizes(program: ExportedProgram) -> Sizes:
+    """The sizes the program's input takes, per dimension: an int where fixed, else ``(low, high)``
+    (``high`` None: unbounded)."""
+    return _sizes(program, _input_value(program).shape)
+
+
+def describe_program(program: ExportedProgram) -> tuple[str, str]:
+    """``("int64 [B, 2..64]", "float32 [B, 2..64, 98]")``: what a program takes and returns, for messages.
+
+    ``B`` is the free batch size, ``low..high`` a free dimension's range (``low..`` unbounded).
+    """
+    inputs = _input_value(program)
+    batch = inputs.shape[0] if inputs.dim() else None
+    batch_expr = None if batch is None or isinstance(batch, int) else batch.node.expr
+    outputs = program.graph.output_node().args[0]
+    output = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    return _describe(program, inputs, batch_expr), _describe(program, output.meta["val"], batch_expr)
+
+
+def _input_value(program: ExportedProgram) -> Tensor:
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholder = next(
+        node for node in program.graph.nodes if node.op == "placeholder" and node.name in user_inputs
+    )
+    return placeholder.meta["val"]
+
+
+def _sizes(program: ExportedProgram, shape: Sequence[Any]) -> Sizes:
+    sizes: Sizes = []
+    for size in shape:
+        if isinstance(size, int):
+            sizes.append(size)
+            continue
+        bounds = program.range_constraints.get(size.node.expr)
+        # sympy Integers; torch's unbounded ``int_oo`` is not one (and claims ``is_finite``)
+        low = int(bounds.lower) if bounds is not None and bounds.lower.is_Integer else 0
+        high = int(bounds.upper) if bounds is not None and bounds.upper.is_Integer else None
+        sizes.append((low, high))
+    return sizes
+
+
+def _describe(program: ExportedProgram, value: Tensor, batch_expr: Any) -> str:
+    dims = []
+    shape: Sequence[Any] = value.shape  # ints and SymInts
+    for size, bounds in zip(shape, _sizes(program, shape), strict=True):
+        if isinstance(bounds, int):
+            dims.append(str(bounds))
+        elif batch_expr is not None and size.node.expr == batch_expr:
+            dims.append("B")
+        else:
+            dims.append(f"{bounds[0]}..{'' if bounds[1] is None else bounds[1]}")
+    return f"{str(value.dtype).removeprefix('torch.')} [{', '.join(dims)}]"
+
+
 def save_predictor(
-    module: LitplugModule, example_inputs: Tensor, path: str | Path, dynamic_batch: bool = True
+    module: LitplugModule,
+    example_inputs: Tensor,
+    path: str | Path,
+    dynamic_batch: bool = True,
+    dynamic_dims: Sequence[int] = (),
 ) -> Path:
     """:func:`export_predictor`, saved with ``torch.export.save`` to ``path`` (a ``.pt2`` file)."""
-    program = export_predictor(module, example_inputs, dynamic_batch)
+    program = export_predictor(module, example_inputs, dynamic_batch, dynamic_dims)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)

@@ -20,7 +20,15 @@ from torch import nn
 from litplug.core.cli import main
 from litplug.core.data import DigitsDataModule
 from litplug.core.discovery import available_plugins
-from litplug.core.export import evaluation_weights, export_predictor, save_predictor
+from litplug.core.errors import ExportError
+from litplug.core.export import (
+    describe_program,
+    evaluation_weights,
+    export_predictor,
+    input_sizes,
+    save_predictor,
+)
+from litplug.core.models import LSTMLanguageModel, TransformerLanguageModel
 from litplug.core.module import LitplugModule
 from litplug.core.plugin import Plugin
 from litplug.plugins.ema import EMA
@@ -96,7 +104,7 @@ def test_evaluation_weights_restores_the_training_weights_on_an_exception() -> N
 
 def test_a_fixed_batch_program_and_the_argument_errors() -> None:
     module, inputs, _ = _trained(None, steps=1)
-    with pytest.raises(ValueError, match="at least 2 examples"):
+    with pytest.raises(ExportError, match="at least 2 examples"):
         export_predictor(module, inputs[:1])
     with pytest.raises(TypeError, match="tensor of raw inputs"):
         export_predictor(module, (inputs[:4],))  # type: ignore[arg-type]
@@ -183,7 +191,8 @@ def test_litplug_export_writes_the_prediction_of_litplug_predict(
     out = capsys.readouterr().out
     assert "litplug export: --ckpt_path last is" in out
     assert (
-        f"inputs float32 [B, 64] (any batch size) -> class probabilities [B, 10]; written to {target}" in out
+        "inputs float32 [B, 64] -> class probabilities float32 [B, 10] (B: any batch size); "
+        f"written to {target}" in out
     )
     [predictions] = tmp_path.glob("runs/lightning_logs/version_*/predictions.pt")
     probs = torch.load(predictions, weights_only=True)["probs"]
@@ -210,3 +219,89 @@ def test_a_compiled_network_exports_its_prediction() -> None:
     program = export_predictor(module, inputs[:8]).module()
     with evaluation_weights(module), torch.no_grad():
         torch.testing.assert_close(program(inputs[:13]), module.predict_probs(inputs[:13]))
+
+
+def _language_model(model: nn.Module) -> LitplugModule:
+    L.seed_everything(0)
+    return LitplugModule(model)
+
+
+def test_a_transformers_sequence_length_can_be_left_free_up_to_max_len() -> None:
+    module = _language_model(
+        TransformerLanguageModel(vocab_size=20, d_model=16, num_heads=2, num_layers=2, max_len=24)
+    )
+    tokens = torch.randint(0, 20, (4, 24), generator=torch.Generator().manual_seed(0))
+    program = export_predictor(module, tokens[:, :16], dynamic_dims=[1])
+    assert input_sizes(program) == [(0, None), (2, 24)]
+    assert describe_program(program) == ("int64 [B, 2..24]", "float32 [B, 2..24, 20]")
+    with evaluation_weights(module), torch.no_grad():
+        for batch, length in ((3, 5), (1, 24), (4, 16)):
+            inputs = tokens[:batch, :length]
+            torch.testing.assert_close(program.module()(inputs), module.predict_probs(inputs))
+    with pytest.raises(AssertionError, match="<= 24"):  # the positional table has 24 rows
+        program.module()(torch.zeros(1, 25, dtype=torch.long))
+    fixed = export_predictor(module, tokens[:, :16])  # without dynamic_dims, the example's length
+    assert describe_program(fixed) == ("int64 [B, 16]", "float32 [B, 16, 20]")
+
+
+def test_a_dimension_the_model_fixes_is_refused_not_quietly_fixed() -> None:
+    module = _language_model(LSTMLanguageModel(vocab_size=20, embed_dim=8, hidden_size=8))
+    tokens = torch.randint(0, 20, (4, 16))
+    with pytest.raises(ExportError, match=r"input dimension 1 cannot be kept free: the model fixes it at 16"):
+        export_predictor(module, tokens, dynamic_dims=[1])
+
+
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        ([0], r"input dimensions 1, 2, ... \(the batch dimension 0 is dynamic_batch's\), got 0"),
+        ([True], "got True"),
+        ([1, 1], "names a dimension twice: \\[1, 1\\]"),
+        ([2], r"names dimension 2, but the inputs int64 \[B, 16\] have dimensions 0..1"),
+    ],
+)
+def test_dynamic_dims_errors(dims: list[int], message: str) -> None:
+    module = _language_model(TransformerLanguageModel(vocab_size=20, d_model=8, num_heads=2, num_layers=1))
+    with pytest.raises(ExportError, match=message):
+        export_predictor(module, torch.zeros(4, 16, dtype=torch.long), dynamic_dims=dims)
+    with pytest.raises(ExportError, match="needs a size of at least 3 there"):
+        export_predictor(module, torch.zeros(4, 2, dtype=torch.long), dynamic_dims=[1])
+
+
+TEXT_CONFIG = """
+model:
+  model:
+    class_path: litplug.core.models.TransformerLanguageModel
+    init_args: {vocab_size: 98, d_model: 16, num_heads: 2, num_layers: 1, dim_feedforward: 32, max_len: 32}
+data:
+  class_path: litplug.core.data.StdlibTextDataModule
+  init_args: {seq_len: 32, batch_size: 8, num_files: 2, max_chars: 20000}
+trainer:
+  max_steps: 2
+  limit_val_batches: 1
+  enable_progress_bar: false
+  default_root_dir: runs
+"""
+
+
+def test_litplug_export_leaves_a_text_models_sequence_length_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(TEXT_CONFIG)
+    assert main(["fit", "--config", str(config)]) == 0
+    capsys.readouterr()
+    target = tmp_path / "lm.pt2"
+    export = ["export", "--config", str(config), "--ckpt_path", "last", "--export_path", str(target)]
+    assert main([*export, "--dynamic_dims", "[1]"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs int64 [B, 2..32] -> class probabilities float32 [B, 2..32, 98] (B: any batch size)" in out
+    assert torch.export.load(target).module()(torch.zeros(2, 7, dtype=torch.long)).shape == (2, 7, 98)
+    # A bad value is a one-line error before anything is predicted.
+    assert main([*export, "--dynamic_dims", "[0]"]) == 2
+    captured = capsys.readouterr()
+    assert (
+        "litplug: error: export_predictor: dynamic_dims must name input dimensions 1, 2, ..." in captured.err
+    )
+    assert "Predicting" not in captured.out + captured.err

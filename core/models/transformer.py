@@ -29,6 +29,8 @@ class CausalSelfAttention(nn.Module):
 
     def causal_mask(self, length: int, device: torch.device) -> Tensor:
         """Boolean ``[T, T]`` mask, True above the diagonal (future positions are blocked); cached."""
+        if torch.compiler.is_compiling():  # a cache keyed on T would fix T in a traced graph
+            return torch.ones(length, length, dtype=torch.bool, device=device).triu(diagonal=1)
         mask = self._mask
         if mask is None or mask.shape[0] != length or mask.device != device:
             mask = torch.ones(length, length, dtype=torch.bool, device=device).triu(diagonal=1)

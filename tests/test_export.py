@@ -305,3 +305,21 @@ def test_litplug_export_leaves_a_text_models_sequence_length_free(
         "litplug: error: export_predictor: dynamic_dims must name input dimensions 1, 2, ..." in captured.err
     )
     assert "Predicting" not in captured.out + captured.err
+
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "export" / "run.py"
+
+
+@pytest.mark.slow
+def test_the_export_benchmarks_smoke_run_checks_every_program() -> None:
+    """Agreement is checked (it must hold); timings are not. ONNX columns as installed."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert not [row for row in rows if "DIFFERENT" in row]
+    assert len([row for row in rows if "same classes" in row]) == 6  # 2 plugins, 4 sequence lengths
+    assert any(row.startswith("| ema | float32 [B, 64] -> float32 [B, 10] | 270 |") for row in rows)
+    assert any(row.startswith("| [16, 64] |") for row in rows)  # the free sequence length
+    assert len([row for row in rows if "example MLP" in row]) == 8  # 4 plugins x 2 batch sizes

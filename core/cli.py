@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"litplug: hint: {hint}", file=sys.stderr)
             raise
     except Exception as err:
-        cause = _litplug_cause(err)
+        cause = _litplug_cause(err) or _spawned_litplug_error(err)
         if cause is None:
             raise
         print(f"litplug: error: {cause}", file=sys.stderr)
@@ -694,6 +694,22 @@ def _litplug_cause(err: BaseException | None) -> LitplugError | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+#: The last line of a LitplugError's traceback, as a spawned worker's failure reports it.
+_SPAWNED_ERROR = re.compile(r"^litplug\.core\.errors\.\w+: (.*)", re.MULTILINE | re.DOTALL)
+
+
+def _spawned_litplug_error(err: BaseException) -> str | None:
+    """The message of a LitplugError raised in a ``ddp_spawn`` worker (rank zero's export checks).
+
+    torch.multiprocessing sends the parent only the worker's formatted traceback, as the text of
+    a ``ProcessRaisedException``; the error's message is its last line(s).
+    """
+    if not isinstance(err, torch.multiprocessing.ProcessRaisedException):
+        return None
+    found = _SPAWNED_ERROR.search(str(err))
+    return found.group(1).strip() if found else None
 
 
 if __name__ == "__main__":

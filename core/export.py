@@ -214,8 +214,8 @@ def _check_dim_free(program: ExportedProgram, example_inputs: Tensor, dim: int, 
         raise ExportError(
             f"export_predictor: input dimension {dim} cannot be kept free: the model fixes it at "
             f"{example_inputs.shape[dim]} when torch.export traces it ({reason}). Its code branches on "
-            "that size, or a torch op it calls needs it fixed, as nn.LSTM does for the sequence length "
-            "in torch 2.13. Leave it out of dynamic_dims and export one program per size"
+            "that size, or a layer needs it fixed (a Linear layer's input features; nn.LSTM's sequence "
+            "length in torch 2.13). Leave it out of dynamic_dims and export one program per size"
         )
 
 

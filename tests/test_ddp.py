@@ -170,6 +170,13 @@ def test_litplug_fit_with_ddp_strategy_in_a_subprocess(tmp_path: Path, repo_root
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert completed.stdout.count(f"written to {target}") == 1  # rank zero alone
     assert torch.export.load(target).module()(torch.zeros(3, 64)).shape == (3, 10)
+    # An export error raised in rank zero's worker is the same one-line error as without spawn.
+    completed = subprocess.run(
+        [*export, "--dynamic_dims=[1]"], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert completed.returncode == 2, completed.stderr[-4000:]
+    assert "litplug: error: export_predictor: input dimension 1 cannot be kept free" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 @pytest.mark.slow

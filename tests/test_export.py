@@ -177,13 +177,19 @@ trainer:
 """
 
 
+def _fitted(config_text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``litplug fit`` run on the config in ``tmp_path`` (its checkpoints under ``runs/``); the config."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    assert main(["fit", "--config", str(config)]) == 0
+    return config
+
+
 def test_litplug_export_writes_the_prediction_of_litplug_predict(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    config = tmp_path / "config.yaml"
-    config.write_text(CONFIG)
-    assert main(["fit", "--config", str(config)]) == 0
+    config = _fitted(CONFIG, tmp_path, monkeypatch)
     assert main(["predict", "--config", str(config), "--ckpt_path", "last"]) == 0
     capsys.readouterr()
     target = tmp_path / "deploy" / "model.pt2"
@@ -287,10 +293,7 @@ trainer:
 def test_litplug_export_leaves_a_text_models_sequence_length_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    config = tmp_path / "config.yaml"
-    config.write_text(TEXT_CONFIG)
-    assert main(["fit", "--config", str(config)]) == 0
+    config = _fitted(TEXT_CONFIG, tmp_path, monkeypatch)
     capsys.readouterr()
     target = tmp_path / "lm.pt2"
     export = ["export", "--config", str(config), "--ckpt_path", "last", "--export_path", str(target)]

@@ -148,17 +148,16 @@ def capture_predictor(
         program = _owned_tensors(
             torch.export.export(predictor, (example_inputs,), dynamic_shapes=(spec,) if spec else None)
         )
-        _check_same_predictions(program, example_inputs, expected)
+        run = program.module()
+        _check_same_predictions(run(example_inputs), expected)
         for dim in free_dims:  # the program must run, and be right, at another size of a free dimension
             shorter = example_inputs.narrow(dim, 0, example_inputs.shape[dim] - 1)
-            _check_dim_free(program, example_inputs, dim, shorter)
-            _check_same_predictions(program, shorter, predictor(shorter))
+            _check_same_predictions(_run_free(program, run, example_inputs, dim, shorter), predictor(shorter))
     return program
 
 
-def _check_same_predictions(program: ExportedProgram, inputs: Tensor, expected: Tensor) -> None:
+def _check_same_predictions(got: Tensor, expected: Tensor) -> None:
     """The captured program must predict what the module predicts on the example inputs."""
-    got = program.module()(inputs)
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-6):
         worst = (got - expected).abs().max().item() if got.shape == expected.shape else float("nan")
         raise RuntimeError(
@@ -199,24 +198,27 @@ def _checked_dynamic_dims(dynamic_dims: Sequence[int], example_inputs: Tensor) -
     return dims
 
 
-def _check_dim_free(program: ExportedProgram, example_inputs: Tensor, dim: int, shorter: Tensor) -> None:
-    """``Dim.AUTO`` quietly fixes a dimension the model's code specializes (in the input's shape or
-    as a size check in the graph); refuse that instead of writing a program that takes one size."""
-    reason = None
+def _run_free(
+    program: ExportedProgram, run: nn.Module, example_inputs: Tensor, dim: int, shorter: Tensor
+) -> Tensor:
+    """``run(shorter)``, the program one shorter along free dimension ``dim``.
+
+    ``Dim.AUTO`` quietly fixes a dimension the model's code specializes (in the input's shape or
+    as a size check in the graph); refuse that instead of writing a program that takes one size.
+    """
     if isinstance(input_sizes(program)[dim], int):
         reason = "the traced input has a fixed size there"
     else:
         try:
-            program.module()(shorter)
+            return run(shorter)  # type: ignore[no-any-return]
         except Exception as error:  # a size check in the graph (AssertionError "Guard failed: ...")
             reason = f"the program refuses size {shorter.shape[dim]}: {error}"
-    if reason is not None:
-        raise ExportError(
-            f"export_predictor: input dimension {dim} cannot be kept free: the model fixes it at "
-            f"{example_inputs.shape[dim]} when torch.export traces it ({reason}). Its code branches on "
-            "that size, or a layer needs it fixed (a Linear layer's input features; nn.LSTM's sequence "
-            "length in torch 2.13). Leave it out of dynamic_dims and export one program per size"
-        )
+    raise ExportError(
+        f"export_predictor: input dimension {dim} cannot be kept free: the model fixes it at "
+        f"{example_inputs.shape[dim]} when torch.export traces it ({reason}). Its code branches on "
+        "that size, or a layer needs it fixed (a Linear layer's input features; nn.LSTM's sequence "
+        "length in torch 2.13). Leave it out of dynamic_dims and export one program per size"
+    )
 
 
 Sizes = list[int | tuple[int, int | None]]
@@ -243,10 +245,10 @@ def describe_program(program: ExportedProgram) -> tuple[str, str]:
 
 def _input_value(program: ExportedProgram) -> Tensor:
     user_inputs = set(program.graph_signature.user_inputs)
-    placeholder = next(
+    input_node = next(
         node for node in program.graph.nodes if node.op == "placeholder" and node.name in user_inputs
     )
-    return placeholder.meta["val"]
+    return input_node.meta["val"]  # a fake tensor: dtype, and a shape of ints and SymInts
 
 
 def _sizes(program: ExportedProgram, shape: Sequence[Any]) -> Sizes:

@@ -7,7 +7,8 @@
   weights otherwise.
   ``predict`` writes class probabilities to ``predictions.pt`` in the run directory (of the test
   data when the data module has no predict data). ``litplug export`` saves that prediction as a
-  ``torch.export`` program (``predictor.pt2``) that runs with torch alone. ``--ckpt_path last`` is the newest checkpoint
+  ``torch.export`` program (``predictor.pt2``; ``--format onnx``: ``predictor.onnx``) that runs without litplug.
+  ``--ckpt_path last`` is the newest checkpoint
   of the config in any of its logger's run folders (:func:`resume_checkpoint`).
 - ``litplug plugins [--config X.yaml ...]``: every available plugin (name, package, summary) and,
   given a config (with any overrides, as ``fit`` takes them), the resolved plugin order.
@@ -27,7 +28,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -42,7 +43,15 @@ from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.data import continual, shifted  # noqa: F401  (so --data=<any built-in> resolves)
 from litplug.core.discovery import available_plugins, builtin_callbacks
 from litplug.core.errors import CheckpointError, LitplugError
-from litplug.core.export import EXPORT_FILE, capture_predictor, check_dynamic_dims, describe_program
+from litplug.core.export import (
+    EXPORT_FILE,
+    ONNX_EXPORT_FILE,
+    capture_predictor,
+    check_dynamic_dims,
+    describe_program,
+    require_onnx,
+    save_onnx,
+)
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import CHECKPOINT_KEY, LitplugModule
 
@@ -52,7 +61,7 @@ SIGTERM_EXIT_CODE = SIGNAL_EXIT_BASE + signal.SIGTERM  # 143
 DESCRIPTION = (
     "litplug: published training methods as composable plugins for PyTorch Lightning. "
     "Subcommands fit, validate, test and predict are LightningCLI's; export saves a trained model's "
-    "prediction as a torch.export program; "
+    "prediction as a torch.export program (--format onnx: as ONNX); "
     "'litplug plugins [--config X.yaml ...]' lists every available plugin and the order a config's "
     "plugins run in. --trace-hooks logs every hook call; --version prints the versions in use."
 )
@@ -253,34 +262,41 @@ class LitplugCLI(LightningCLI):
         export_path: str | None = None,
         dynamic_batch: bool = True,
         dynamic_dims: list[int] | None = None,
+        format: Literal["pt2", "onnx"] = "pt2",
     ) -> None:
-        """Save a trained model's prediction as a torch.export program (.pt2) that runs with torch alone.
+        """Save a trained model's prediction as a torch.export program (.pt2) or ONNX, to run without litplug.
 
         The prediction of ``litplug predict``: the checkpoint is loaded as ``predict`` loads it and
         one batch of the predict (by default test) data is predicted; its inputs are the example
         ``torch.export`` captures, under the same evaluation weights (EMA's average, an ensemble's
         averaged probabilities). Rank zero writes the program, checked to predict what the module
-        predicts on that batch.
+        predicts on that batch (and, as ONNX, onnxruntime to predict what the program predicts).
 
         Args:
             model: the configured module.
             datamodule: its data.
             ckpt_path: the checkpoint to export: a path, "last" or "best" as for test; without
                 one, the model as configured.
-            export_path: where to write the program (default: predictor.pt2 in the run directory).
+            export_path: where to write the program (default: predictor.pt2, or predictor.onnx,
+                in the run directory).
             dynamic_batch: let the program take any batch size (else only the example's).
             dynamic_dims: further input dimensions to leave free, e.g. [1] for a text model's
                 sequence length (up to a transformer's max_len); refused where the model fixes one.
+            format: "pt2" (torch.export.save) or "onnx" (the program converted with
+                torch.onnx.export; needs the onnx extra: pip install 'litplug[onnx]').
         """
         if not isinstance(model, LitplugModule):
             raise TypeError(f"litplug export needs a LitplugModule, got {type(model).__name__}")
+        dims = check_dynamic_dims(dynamic_dims or [])
+        if format == "onnx":
+            require_onnx()
         kwargs = self._checkpoint_to_evaluate({"ckpt_path": ckpt_path})
         if datamodule is not None and _predict_test_split_if_no_predict_data(datamodule):
             if self.trainer.is_global_zero:
                 print(
                     f"litplug export: {type(datamodule).__name__} has no predict_dataloader; using its test data"
                 )
-        export = ExportPrediction(export_path, dynamic_batch, check_dynamic_dims(dynamic_dims or []))
+        export = ExportPrediction(export_path, dynamic_batch, dims, onnx=format == "onnx")
         self.trainer.callbacks.append(export)  # type: ignore[attr-defined]
         self.trainer.limit_predict_batches = 1  # one batch gives the example inputs
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False, **kwargs)
@@ -325,17 +341,23 @@ class ExportPrediction(Callback):
     """
 
     def __init__(
-        self, export_path: str | None, dynamic_batch: bool = True, dynamic_dims: Sequence[int] = ()
+        self,
+        export_path: str | None,
+        dynamic_batch: bool = True,
+        dynamic_dims: Sequence[int] = (),
+        onnx: bool = False,
     ) -> None:
         self.export_path = export_path
         self.dynamic_batch = dynamic_batch
         self.dynamic_dims = list(dynamic_dims)
+        self.onnx = onnx
         self.path: Path | None = None
         self.written = False
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
-        self.path = Path(self.export_path) if self.export_path else Path(run_dir or ".") / EXPORT_FILE
+        default = ONNX_EXPORT_FILE if self.onnx else EXPORT_FILE
+        self.path = Path(self.export_path) if self.export_path else Path(run_dir or ".") / default
 
     def on_predict_batch_end(
         self,
@@ -351,15 +373,19 @@ class ExportPrediction(Callback):
         assert isinstance(pl_module, LitplugModule) and self.path is not None
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
         program = capture_predictor(pl_module, inputs, self.dynamic_batch, self.dynamic_dims)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, self.path)
+        if self.onnx:
+            save_onnx(program, inputs, self.path)
+            load = f"onnxruntime.InferenceSession({str(self.path)!r}).run(None, {{'inputs': array}})[0]"
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.export.save(program, self.path)
+            load = f"torch alone: torch.export.load({str(self.path)!r}).module()(inputs)"
         self.written = True
         sizes = "B: any batch size" if self.dynamic_batch else f"batches of {inputs.shape[0]}"
         takes, gives = describe_program(program)
         print(
             f"litplug export: inputs {takes} -> class probabilities {gives} ({sizes}); "
-            f"written to {self.path}\n"
-            f"  load it with torch alone: torch.export.load({str(self.path)!r}).module()(inputs)"
+            f"written to {self.path}\n  load it with {load}"
         )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,8 +10,10 @@ saved program (``torch.export.save``, a ``.pt2`` file) loads and runs with torch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPORT_FILE",
+    "ONNX_EXPORT_FILE",
     "Predictor",
     "capture_predictor",
     "check_dynamic_dims",
@@ -33,11 +36,17 @@ __all__ = [
     "export_predictor",
     "describe_program",
     "input_sizes",
+    "require_onnx",
+    "save_onnx",
     "save_predictor",
 ]
 
 #: The file ``litplug export`` writes in the run directory.
 EXPORT_FILE = "predictor.pt2"
+#: The same with ``--format onnx``.
+ONNX_EXPORT_FILE = "predictor.onnx"
+#: What ONNX conversion needs beyond litplug's dependencies: the ``onnx`` extra.
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 class Predictor(nn.Module):
@@ -156,14 +165,24 @@ def capture_predictor(
     return program
 
 
-def _check_same_predictions(got: Tensor, expected: Tensor) -> None:
-    """The captured program must predict what the module predicts on the example inputs."""
+def _check_same_predictions(got: Tensor, expected: Tensor, what: str = "") -> None:
+    """The captured program (or ``what``: its conversion) must predict what the module (the program)
+    predicts on the example inputs."""
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-6):
         worst = (got - expected).abs().max().item() if got.shape == expected.shape else float("nan")
+        differs = (
+            f"the {what} program's predictions differ from the torch.export program's"
+            if what
+            else "the exported program's predictions differ from the module's"
+        )
+        cause = (
+            f"{what} runs an operation differently"
+            if what
+            else "a plugin's predict path depends on something torch.export does not capture"
+        )
         raise RuntimeError(
-            "export_predictor: the exported program's predictions differ from the module's on the "
-            f"example inputs (shapes {tuple(got.shape)} vs {tuple(expected.shape)}, largest difference "
-            f"{worst:.3g}); a plugin's predict path depends on something torch.export does not capture"
+            f"export_predictor: {differs} on the example inputs (shapes {tuple(got.shape)} vs "
+            f"{tuple(expected.shape)}, largest difference {worst:.3g}); {cause}"
         )
 
 
@@ -290,6 +309,46 @@ def save_predictor(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
+    return path
+
+
+def require_onnx() -> None:
+    """An :class:`ExportError` naming the missing packages unless ONNX conversion can run."""
+    missing = [name for name in ONNX_PACKAGES if find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"export to ONNX needs {', '.join(missing)} (not litplug dependencies): "
+            "pip install 'litplug[onnx]', or pip install onnx onnxscript onnxruntime"
+        )
+
+
+def save_onnx(program: ExportedProgram, example_inputs: Tensor, path: str | Path) -> Path:
+    """The program converted to ONNX (``torch.onnx.export(program, dynamo=True)``), written to
+    ``path`` and checked: onnxruntime must predict what the program predicts on ``example_inputs``.
+
+    The free dimensions stay free (named ``s0``-style by torch's exporter). Needs the ``onnx``
+    extra (:func:`require_onnx`).
+    """
+    require_onnx()
+    import onnxruntime  # optional (the onnx extra): imported only here
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example_inputs = example_inputs.detach().clone()
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
+    try:
+        onnx_program = torch.onnx.export(program, (example_inputs,), dynamo=True, verbose=False)
+    finally:
+        registration.setLevel(level)
+    assert onnx_program is not None  # None only for the legacy (dynamo=False) exporter
+    onnx_program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: example_inputs.cpu().numpy()})[0]
+    _check_same_predictions(
+        torch.from_numpy(got), program.module()(example_inputs).cpu(), "ONNX (onnxruntime)"
+    )
     return path
 
 

@@ -17,6 +17,7 @@ import torch
 from helpers import example_run, quiet_trainer
 from torch import nn
 
+from litplug.core import export as export_module
 from litplug.core.cli import main
 from litplug.core.data import DigitsDataModule
 from litplug.core.discovery import available_plugins
@@ -26,6 +27,8 @@ from litplug.core.export import (
     evaluation_weights,
     export_predictor,
     input_sizes,
+    require_onnx,
+    save_onnx,
     save_predictor,
 )
 from litplug.core.models import LSTMLanguageModel, TransformerLanguageModel
@@ -326,3 +329,57 @@ def test_the_export_benchmarks_smoke_run_checks_every_program() -> None:
     assert any(row.startswith("| ema | float32 [B, 64] -> float32 [B, 10] | 270 |") for row in rows)
     assert any(row.startswith("| [16, 64] |") for row in rows)  # the free sequence length
     assert len([row for row in rows if "example MLP" in row]) == 4  # 2 plugins x 2 batch sizes
+
+
+def test_litplug_export_format_onnx_writes_a_checked_onnx_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")  # the dev extra has it: CI runs this test
+    config = _fitted(TEXT_CONFIG, tmp_path, monkeypatch)
+    capsys.readouterr()
+    export = ["export", "--config", str(config), "--ckpt_path", "last", "--dynamic_dims", "[1]"]
+    assert main([*export, "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    [written] = tmp_path.glob("runs/lightning_logs/version_*/predictor.onnx")  # the default name
+    assert f"written to {written.relative_to(tmp_path)}\n  load it with onnxruntime.InferenceSession(" in out
+    assert main([*export, "--export_path", str(tmp_path / "lm.pt2")]) == 0
+    program = torch.export.load(tmp_path / "lm.pt2").module()
+    session = onnxruntime.InferenceSession(str(written))
+    for shape in ((1, 32), (3, 5)):  # other batch sizes and lengths than the example's [8, 32]
+        tokens = torch.randint(0, 98, shape)
+        got = torch.from_numpy(session.run(None, {"inputs": tokens.numpy()})[0])
+        torch.testing.assert_close(got, program(tokens), rtol=1e-4, atol=1e-6)
+
+
+def test_onnx_conversion_is_checked_against_the_program(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    module, inputs, _ = _trained(None, steps=1)
+    program = export_predictor(module, inputs[:8])
+    session_class = onnxruntime.InferenceSession
+
+    class Perturbed(session_class):  # type: ignore[misc, valid-type]
+        def run(self, *args: object, **kwargs: object) -> list[object]:
+            return [out + 1e-3 for out in super().run(*args, **kwargs)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Perturbed)
+    with pytest.raises(RuntimeError, match="ONNX \\(onnxruntime\\) program's predictions differ"):
+        save_onnx(program, inputs[:8], tmp_path / "p.onnx")
+
+
+def test_onnx_without_its_packages_is_a_one_line_error_before_predicting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_find_spec = export_module.find_spec
+    monkeypatch.setattr(
+        export_module, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name)
+    )
+    with pytest.raises(ExportError, match=r"needs onnxruntime \(not litplug dependencies\): pip install"):
+        require_onnx()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    assert main(["export", "--config", "config.yaml", "--format", "onnx"]) == 2
+    captured = capsys.readouterr()
+    assert "litplug: error: export to ONNX needs onnxruntime" in captured.err
+    assert "Predicting" not in captured.out + captured.err

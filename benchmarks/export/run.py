@@ -3,8 +3,8 @@
     python benchmarks/export/run.py            # ~2 minutes on 2 CPU cores
     python benchmarks/export/run.py --quick    # smoke run (tests/test_export.py runs it)
 
-ONNX needs ``pip install onnx onnxscript onnxruntime`` (none is a litplug dependency); without them
-the ONNX columns say so and the rest is measured as usual.
+ONNX needs the onnx extra (``pip install -e ".[onnx]"``; ``.[dev]`` has it too); without it the ONNX
+columns say so and the rest is measured as usual.
 
 1. Every registered plugin (and none), on its example model and data (``litplug.core.examples``),
    trained a few steps: ``export_predictor`` on 8 test inputs, then ``torch.onnx.export(program,
@@ -39,7 +39,7 @@ from torch import Tensor
 from litplug.core.data import DigitsDataModule
 from litplug.core.discovery import available_plugins
 from litplug.core.examples import example_run
-from litplug.core.export import describe_program, evaluation_weights, export_predictor
+from litplug.core.export import describe_program, evaluation_weights, export_predictor, save_onnx
 from litplug.core.models import SmallCNN, TransformerLanguageModel
 from litplug.core.module import LitplugModule
 from litplug.plugins.ghost_bn import GhostBatchNormPlugin
@@ -112,10 +112,11 @@ def latency_cases(steps: int, quick: bool) -> list[tuple[str, LitplugModule, Ten
 
 
 def onnx_session(program: Any, example: Tensor, path: Path) -> Callable[[Tensor], Tensor] | None:
-    """The program converted to ONNX and run by onnxruntime (None without the ONNX packages)."""
+    """The program converted to ONNX as ``litplug export --format onnx`` does, run by onnxruntime
+    (None without the ONNX packages)."""
     if onnxruntime is None:
         return None
-    torch.onnx.export(program, (example,), dynamo=True, verbose=False).save(str(path))
+    save_onnx(program, example, path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     return lambda inputs: torch.from_numpy(session.run(None, {input_name: inputs.numpy()})[0])

@@ -11,6 +11,7 @@ saved program (``torch.export.save``, a ``.pt2`` file) loads and runs with torch
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.util import find_spec
@@ -326,8 +327,9 @@ def save_onnx(program: ExportedProgram, example_inputs: Tensor, path: str | Path
     """The program converted to ONNX (``torch.onnx.export(program, dynamo=True)``), written to
     ``path`` and checked: onnxruntime must predict what the program predicts on ``example_inputs``.
 
-    The free dimensions stay free (named ``s0``-style by torch's exporter). Needs the ``onnx``
-    extra (:func:`require_onnx`).
+    The free dimensions stay free, named ``batch`` and ``dim1``, ``dim2``, ... by their place in the
+    input (torch's exporter calls them ``s85``-style); the output is named ``probabilities``. Needs
+    the ``onnx`` extra (:func:`require_onnx`).
     """
     require_onnx()
     import onnxruntime  # optional (the onnx extra): imported only here
@@ -343,6 +345,7 @@ def save_onnx(program: ExportedProgram, example_inputs: Tensor, path: str | Path
     finally:
         registration.setLevel(level)
     assert onnx_program is not None  # None only for the legacy (dynamo=False) exporter
+    _name_onnx_graph(onnx_program.model.graph)
     onnx_program.save(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: example_inputs.cpu().numpy()})[0]
@@ -350,6 +353,36 @@ def save_onnx(program: ExportedProgram, example_inputs: Tensor, path: str | Path
         torch.from_numpy(got), program.module()(example_inputs).cpu(), "ONNX (onnxruntime)"
     )
     return path
+
+
+def _name_onnx_graph(graph: Any) -> None:
+    """Name an exported ONNX graph's free dimensions after their place in the input, everywhere they
+    appear (shapes such as ``2*s85`` too), and its output ``probabilities``.
+
+    ``graph`` is an ``onnx_ir.Graph`` (what ``torch.onnx.export`` returns holds one).
+    """
+    import onnx_ir  # optional (comes with onnxscript, in the onnx extra)
+
+    names: dict[str, str] = {}
+    for place, size in enumerate(graph.inputs[0].shape):
+        if isinstance(size, onnx_ir.SymbolicDim) and size.value is not None:
+            names.setdefault(size.value, "batch" if place == 0 else f"dim{place}")
+    graph.outputs[0].name = "probabilities"
+    if not names:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    values = [*graph.inputs, *(value for node in graph.all_nodes() for value in node.outputs)]
+    for value in values:
+        if value.shape is None:
+            continue
+        value.shape = onnx_ir.Shape(
+            [
+                onnx_ir.SymbolicDim(symbol.sub(lambda found: names[found.group(1)], size.value))
+                if isinstance(size, onnx_ir.SymbolicDim) and size.value is not None
+                else size
+                for size in value.shape
+            ]
+        )
 
 
 def describe_inputs(inputs: Any) -> str:

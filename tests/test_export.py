@@ -345,6 +345,11 @@ def test_litplug_export_format_onnx_writes_a_checked_onnx_program(
     assert main([*export, "--export_path", str(tmp_path / "lm.pt2")]) == 0
     program = torch.export.load(tmp_path / "lm.pt2").module()
     session = onnxruntime.InferenceSession(str(written))
+    # free dimensions named by their place in the input, not by torch's symbols (s85)
+    assert [(arg.name, arg.shape) for arg in session.get_inputs()] == [("inputs", ["batch", "dim1"])]
+    assert [(arg.name, arg.shape) for arg in session.get_outputs()] == [
+        ("probabilities", ["batch", "dim1", 98])
+    ]
     for shape in ((1, 32), (3, 5)):  # other batch sizes and lengths than the example's [8, 32]
         tokens = torch.randint(0, 98, shape)
         got = torch.from_numpy(session.run(None, {"inputs": tokens.numpy()})[0])

@@ -12,6 +12,17 @@ A resumed run then differs from the uninterrupted one (upstream: Lightning#19403
 start: the epoch completed, the per-epoch counters at zero. Lightning then resumes exactly, with
 either bound. Plain dicts in, no Lightning import: the layout is ``Trainer.fit_loop.state_dict()``.
 
+A run stopped by ``max_steps`` inside an epoch also saves from ``on_train_epoch_end``, in the same
+state but before the epoch's last batch. Continued with a larger ``max_steps``, Lightning keeps the
+epoch's batch count but hands the sampler the next epoch's number, so the rest of the interrupted
+epoch is never trained on and the next epoch's first batches are skipped.
+:func:`reopen_epoch_cut_by_max_steps` moves it back to the state of a run killed after the same
+batch: the epoch started, not processed. Lightning then trains the rest of it and runs its end
+hooks at its real end. Only the caller knows that ``max_steps`` cut the epoch (``max_time`` and
+early stopping leave the same counts, and resume at the next epoch), so it records that at save.
+The epoch-end hooks of the cut epoch have run once at the cut, in the first run: a plugin acting
+there (not one of the built-ins at a step-bounded cut) sees that epoch end twice.
+
 Not repaired: under ``max_steps`` with validation each epoch, Lightning's logging step
 (``_batches_that_stepped``) runs one ahead after such a resume, repaired or not (a restarted
 epoch loop's validation check at batch index -1). Only the step metrics are logged at shifts;
@@ -60,6 +71,27 @@ def close_finished_epoch(loops: dict[str, Any]) -> bool:
         _zero(progress["current"])
     _zero(fit["epoch_loop.manual_optimization.optim_step_progress"]["current"])
     _zero(fit["epoch_loop.val_loop.batch_progress"]["total"])
+    return True
+
+
+def reopen_epoch_cut_by_max_steps(loops: dict[str, Any]) -> bool:
+    """Mark an epoch that ``max_steps`` stopped before its last batch as still running.
+
+    ``loops`` is a checkpoint's ``"loops"`` entry, changed in place; call it only for a checkpoint
+    saved by a run that had reached its ``max_steps``. Returns whether it changed: only a fit loop
+    in its epoch-end hooks (``ready == started == processed == completed + 1``) whose last batch
+    was not trained qualifies.
+    """
+    fit = loops.get("fit_loop")
+    if not isinstance(fit, dict) or not all(key in fit for key in _REPAIRED_KEYS):
+        return False
+    epochs = fit["epoch_progress"]
+    total = epochs["total"]
+    in_epoch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+    if not in_epoch_end or fit["epoch_loop.batch_progress"]["is_last_batch"]:
+        return False
+    for counts in (epochs["total"], epochs["current"]):
+        counts["processed"] = counts["completed"]
     return True
 
 

@@ -27,7 +27,7 @@ from litplug.core import distributed
 from litplug.core.errors import CheckpointError, ModuleConfigError, PluginSetupError
 from litplug.core.features import get_model_feature
 from litplug.core.learning_rates import set_first_group_lr
-from litplug.core.loop_state import close_finished_epoch
+from litplug.core.loop_state import close_finished_epoch, reopen_epoch_cut_by_max_steps
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
@@ -519,12 +519,19 @@ class LitplugModule(L.LightningModule):
             "order": self.hooks.order(),
             "plugins": {p.name: self._plugin_checkpoint_entry(p) for p in self.plugins},
             "rng": _get_rng_state(),
+            # whether this fit has trained its max_steps: then an unfinished epoch resumes where it
+            # stopped when the run is continued with a larger max_steps (loop_state)
+            "reached_max_steps": self._reached_max_steps(),
             # what `litplug fit --ckpt_path` continues (the same W&B run): [{"class", "version"}]
             "loggers": [
                 {"class": type(lg).__name__, "version": _plain_version(lg)} for lg in self._loggers()
             ],
         }
         self.hooks.on_save_checkpoint(module=self, checkpoint=checkpoint)
+
+    def _reached_max_steps(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and 0 <= trainer.max_steps <= trainer.global_step
 
     def _loggers(self) -> list[Any]:
         return list(self._trainer.loggers) if self._trainer is not None else []
@@ -544,8 +551,10 @@ class LitplugModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.apply_surgery()  # weights of a modified model only fit a modified model
         # before Lightning restores its loops from the same dict (after this hook)
-        close_finished_epoch(checkpoint.get("loops") or {})
+        loops = checkpoint.get("loops") or {}
         saved = checkpoint.get(CHECKPOINT_KEY)
+        if not close_finished_epoch(loops) and saved is not None and saved.get("reached_max_steps"):
+            reopen_epoch_cut_by_max_steps(loops)
         if saved is None:
             if self.plugins:
                 raise CheckpointError(

@@ -1,4 +1,5 @@
-"""close_finished_epoch repairs exactly the loop state saved inside an epoch's end hooks.
+"""close_finished_epoch repairs exactly the loop state saved inside an epoch's end hooks;
+reopen_epoch_cut_by_max_steps exactly the one saved there by a run that max_steps stopped mid-epoch.
 
 The states are Lightning's own, captured from a real fit where each kind of checkpoint is saved.
 That a repaired checkpoint resumes exactly is tested registry-wide in test_resume.py.
@@ -14,7 +15,7 @@ from helpers import quiet_trainer, toy_loaders
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from litplug.core.loop_state import close_finished_epoch
+from litplug.core.loop_state import close_finished_epoch, reopen_epoch_cut_by_max_steps
 from litplug.core.module import LitplugModule
 
 BATCHES_PER_EPOCH = 4  # 64 rows at batch 16
@@ -73,3 +74,20 @@ def test_mid_epoch_and_cut_short_states_are_left_as_lightning_wrote_them() -> No
     other_layout = _captured(max_epochs=1).epoch_end[0]
     del other_layout["fit_loop"]["epoch_loop.scheduler_progress"]
     assert not close_finished_epoch(other_layout)  # another Lightning's layout: left alone
+
+
+def test_an_epoch_cut_by_max_steps_is_reopened_where_it_stopped() -> None:
+    loops = _captured(max_steps=BATCHES_PER_EPOCH + 1).epoch_end[1]  # one batch into the second
+    fit = loops["fit_loop"]
+    assert not close_finished_epoch(copy.deepcopy(loops)), "not at its last batch: not closed"
+    assert reopen_epoch_cut_by_max_steps(loops)
+    for counts in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        assert counts["started"] == counts["processed"] + 1 == counts["completed"] + 1
+    assert fit["epoch_progress"]["total"]["started"] == 2
+    assert fit["epoch_loop.batch_progress"]["current"]["completed"] == 1  # batch count kept
+    assert not reopen_epoch_cut_by_max_steps(loops), "an open epoch is left alone"
+    finished = _captured(max_steps=BATCHES_PER_EPOCH).epoch_end[0]
+    assert not reopen_epoch_cut_by_max_steps(finished), "an epoch at its last batch is not reopened"
+    mid_epoch = _captured(max_epochs=1).mid_epoch
+    assert not reopen_epoch_cut_by_max_steps(mid_epoch)
+    assert not reopen_epoch_cut_by_max_steps({})

@@ -108,3 +108,18 @@ def test_a_run_ended_by_max_steps_at_an_epoch_end_continues_as_the_longer_run(tm
     continued = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2}, ckpt_path=checkpoint)
     for key, value in longer.state_dict().items():
         assert torch.equal(value, continued.state_dict()[key]), f"{key} differs"
+
+
+def test_a_run_ended_by_max_steps_mid_epoch_continues_as_the_longer_run(tmp_path: Path) -> None:
+    """A run stopped by ``max_steps`` inside an epoch saves its checkpoint in the epoch-end hooks of
+    an epoch not trained to its end. Continued with a larger ``max_steps``, it must train the rest
+    of that epoch (Lightning alone moves the sampler on to the next epoch's order but keeps the
+    batch count, so the epoch's remaining examples were never seen)."""
+    stop = STEPS_PER_EPOCH + 2  # inside the second epoch
+    longer = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2})
+    _run(None, None, [ModelCheckpoint(dirpath=tmp_path)], {"max_steps": stop})
+    checkpoint = tmp_path / f"epoch=1-step={stop}.ckpt"
+    assert checkpoint.exists(), sorted(p.name for p in tmp_path.iterdir())
+    continued = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2}, ckpt_path=checkpoint)
+    for key, value in longer.state_dict().items():
+        assert torch.equal(value, continued.state_dict()[key]), f"{key} differs"

@@ -17,7 +17,9 @@ setup(
     packages=packages,
     package_dir={f"litplug.{root}": root for root in ROOTS},
     package_data={
-        "litplug.plugins": ["*/README.md", "ghost_bn/kernel.c"],
-        "litplug.callbacks": ["*/README.md"],
+        # py.typed (PEP 561): a third-party plugin package's mypy checks against litplug's types
+        "litplug.core": ["py.typed"],
+        "litplug.plugins": ["py.typed", "*/README.md", "ghost_bn/kernel.c"],
+        "litplug.callbacks": ["py.typed", "*/README.md"],
     },
 )

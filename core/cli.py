@@ -41,8 +41,15 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litplug.callbacks.preemption import PreemptionCheckpoint
 from litplug.core.data import continual, shifted  # noqa: F401  (so --data=<any built-in> resolves)
-from litplug.core.discovery import available_plugins, builtin_callbacks
-from litplug.core.errors import CheckpointError, LitplugError
+from litplug.core.discovery import (
+    DISABLE_AUTOLOAD_ENV,
+    PluginInfo,
+    autoload_disabled,
+    available_plugins,
+    builtin_callbacks,
+    builtin_plugins,
+)
+from litplug.core.errors import CheckpointError, LitplugError, PluginLoadError
 from litplug.core.export import (
     EXPORT_FILE,
     ONNX_EXPORT_FILE,
@@ -594,13 +601,13 @@ def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
 def list_plugins(cli_args: list[str]) -> int:
     """Print every available plugin and, given a config (with any overrides, as ``fit`` takes
     them: ``--config X.yaml --model.plugins+=EMA``), the order its plugins resolve to."""
-    registry = available_plugins()
-    rows = [(info.name, info.package, info.cls.__name__, info.summary) for info in registry.values()]
-    headers = ("name", "package", "class (YAML short name)", "summary")
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(3)]
-    for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
-    print("\ncallbacks: " + ", ".join(f"{c.__module__}.{c.__name__}" for c in builtin_callbacks()))
+    try:
+        registry = available_plugins()
+    except PluginLoadError as err:  # a broken third-party package: still show what litplug has
+        _print_plugin_table(builtin_plugins())
+        print(f"\nlitplug: error: {err}", file=sys.stderr)
+        return 2
+    _print_plugin_table(list(registry.values()))
     if cli_args:
         with warnings.catch_warnings():  # sys.argv is `litplug plugins ...`, not these args: intended
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
@@ -608,6 +615,15 @@ def list_plugins(cli_args: list[str]) -> int:
         order = " -> ".join(cli.model.hooks.order()) or "(none)"
         print(f"\nresolved plugin order for {' '.join(cli_args)}: {order}")
     return 0
+
+
+def _print_plugin_table(infos: list[PluginInfo]) -> None:
+    rows = [(info.name, info.package, info.cls.__name__, info.summary) for info in infos]
+    headers = ("name", "package", "class (YAML short name)", "summary")
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(3)]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    print("\ncallbacks: " + ", ".join(f"{c.__module__}.{c.__name__}" for c in builtin_callbacks()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -621,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         args.remove(TRACE_FLAG)
         os.environ[TRACE_ENV] = "1"
     try:
-        available_plugins()  # import every plugin and callback so YAML can name them by class name
-        builtin_callbacks()
+        if args[:1] != ["plugins"]:  # that command reports a broken third-party package itself
+            _import_plugins(asking_for_help=bool({"-h", "--help"} & set(args)))
         try:
             if args and args[0] == "plugins":
                 return list_plugins(args[1:])
@@ -650,6 +666,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litplug: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _import_plugins(asking_for_help: bool) -> None:
+    """Import every plugin and callback, so that YAML can name them by class name. A broken
+    third-party package stops every command but ``--help``, which goes on without it."""
+    builtin_callbacks()
+    try:
+        available_plugins()
+    except PluginLoadError as err:
+        if not asking_for_help:
+            raise
+        print(f"litplug: warning: {err}; the help below leaves it out", file=sys.stderr)
 
 
 def versions() -> str:
@@ -705,12 +733,21 @@ def _plugin_name_hints(args: list[str]) -> list[str]:
     for text in texts:
         used.update(re.findall(r"(?:class_path:|plugins\+?=)\s*['\"]?([\w.]+)", text))
     registry = available_plugins()
-    return [
+    hints = [
         f"'{name}' is a plugin name; YAML and the command line name its class: "
         f"{registry[name].cls.__name__} (or {registry[name].cls.__module__}.{registry[name].cls.__name__})"
         for name in sorted(used)
         if name in registry and name != registry[name].cls.__name__
     ]
+    if autoload_disabled():
+        known = {info.cls.__name__ for info in registry.values()}
+        hints += [
+            f"if '{name}' is a third-party plugin class, it is not loaded: {DISABLE_AUTOLOAD_ENV} is set, "
+            f"so only an import path finds it (class_path: your_package.module.{name}), or unset it"
+            for name in sorted(used)
+            if "." not in name and name not in known and name not in registry
+        ]
+    return hints
 
 
 def _litplug_cause(err: BaseException | None) -> LitplugError | None:

@@ -47,11 +47,18 @@ T = TypeVar("T")
 
 
 def _exported(module: ModuleType, base: type[T]) -> list[type[T]]:
-    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    """The concrete ``base`` subclasses a module exports: those in ``__all__`` or, without one,
+    those defined in the module or its subpackages (not ones it imports from elsewhere, such as a
+    built-in plugin a third-party module uses)."""
+    explicit = getattr(module, "__all__", None)
+    names = explicit or [n for n in vars(module) if not n.startswith("_")]
     found = []
     for name in names:
         obj = getattr(module, name, None)
-        if inspect.isclass(obj) and issubclass(obj, base) and obj is not base and not inspect.isabstract(obj):
+        if not (inspect.isclass(obj) and issubclass(obj, base) and obj is not base):
+            continue
+        own = obj.__module__ == module.__name__ or obj.__module__.startswith(f"{module.__name__}.")
+        if not inspect.isabstract(obj) and (explicit or own):
             found.append(obj)
     return found
 
@@ -92,6 +99,12 @@ def _load_entry_point(entry_point: EntryPoint) -> list[PluginInfo]:
         ) from err
     if inspect.ismodule(obj):
         classes = _exported(obj, Plugin)
+        if not classes:
+            raise PluginLoadError(
+                f"third-party plugin '{entry_point.name}' from distribution '{dist}' points at module "
+                f"{entry_point.value}, which exports no plugin class: list its Plugin subclasses in "
+                "the module's __all__, or point the entry point at the class (module:Class)"
+            )
     elif inspect.isclass(obj) and issubclass(obj, Plugin):
         classes = [obj]
     else:
@@ -114,6 +127,7 @@ def third_party_plugins() -> list[PluginInfo]:
 def available_plugins() -> dict[str, PluginInfo]:
     """Every plugin by name; importing them also makes their class names usable in YAML."""
     registry: dict[str, PluginInfo] = {}
+    by_class_name: dict[str, PluginInfo] = {}
     for info in builtin_plugins() + third_party_plugins():
         if info.name in registry and registry[info.name].cls is not info.cls:
             other = registry[info.name]
@@ -121,5 +135,16 @@ def available_plugins() -> dict[str, PluginInfo]:
                 f"two plugins are named '{info.name}': {other.cls.class_path()} ({other.package}) and "
                 f"{info.cls.class_path()} ({info.package}); plugin names must be unique"
             )
+        same_class_name = by_class_name.get(info.cls.__name__)
+        if same_class_name is not None and same_class_name.cls is not info.cls:
+            other = same_class_name
+            # jsonargparse resolves YAML's short `class_path: EMA` by class name: both would break
+            raise PluginLoadError(
+                f"plugins '{other.name}' ({other.cls.class_path()}, {other.package}) and "
+                f"'{info.name}' ({info.cls.class_path()}, {info.package}) are both classes named "
+                f"{info.cls.__name__}; YAML's short class_path needs plugin class names to be unique: "
+                "rename the third-party class"
+            )
         registry[info.name] = info
+        by_class_name[info.cls.__name__] = info
     return registry

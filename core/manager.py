@@ -48,6 +48,7 @@ class PluginHooks:
             except pluggy.PluginValidationError as err:
                 raise PluginSetupError(f"plugin '{plugin.name}': invalid hook implementation: {err}") from err
         self._check_pending()
+        self._check_undecorated_hooks()
         self._check_special_hooks()
         self.trace_enabled = tracing_requested() if trace is None else trace
         self.trace_sink: Callable[[str, list[str]], None] = _log_trace
@@ -74,6 +75,19 @@ class PluginHooks:
                 f"plugin '{self.pm.get_name(err.plugin)}': {err} "
                 f"(see litplug.core.hookspecs for the hooks that exist)"
             ) from err
+
+    def _check_undecorated_hooks(self) -> None:
+        """A method named like a hook but without ``@hookimpl`` would never be called: say so."""
+        marker = f"{hookspecs.PROJECT_NAME}_impl"  # the attribute pluggy's HookimplMarker sets
+        for plugin in self.plugins:
+            for name in dir(type(plugin)):
+                method = getattr(type(plugin), name, None)
+                if name.startswith("litplug_") and callable(method) and not hasattr(method, marker):
+                    raise PluginSetupError(
+                        f"plugin '{plugin.name}': method '{name}' is named like a litplug hook but is "
+                        "not decorated with @hookimpl (from litplug.core.hookspecs import hookimpl), "
+                        "so it would never be called; decorate it, or rename it if it is not a hook"
+                    )
 
     def _check_special_hooks(self) -> None:
         """Chained and reversed hooks are called implementation by implementation: no wrappers."""

@@ -158,10 +158,11 @@ class Plugin:
 
     def upgrade_state(self, state: dict[str, Any], from_version: int) -> dict[str, Any]:
         """Convert state saved by an older ``state_version``; the default refuses."""
-        raise PluginConfigError(
-            self.name,
-            "state_version",
-            f"cannot load state saved with version {from_version} (current {self.state_version})",
+        raise CheckpointError(
+            f"plugin '{self.name}': the checkpoint holds its state in layout version {from_version}, "
+            f"this {type(self).__name__} reads version {self.state_version} and cannot convert it "
+            f"({type(self).__name__}.upgrade_state does not handle version {from_version}). Resume "
+            "with the litplug / plugin release that wrote the checkpoint, or start from its weights only"
         )
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ from helpers import quiet_trainer
 from torch import nn
 
 from litplug.core.data import DigitsDataModule
-from litplug.core.errors import PluginConfigError
+from litplug.core.errors import CheckpointError, PluginConfigError
 from litplug.core.models import MLP, SmallCNN
 from litplug.core.module import LitplugModule
 from litplug.plugins.adt import (
@@ -281,7 +281,7 @@ def test_state_version_1_checkpoint_loads_without_generator_running_stats() -> N
     fresh._ensure_networks(LitplugModule(nn.Linear(64, 10)), torch.zeros(1, 64))
     for key, value in plugin.generator.state_dict().items():
         assert torch.equal(fresh.generator.state_dict()[key], value)
-    with pytest.raises(PluginConfigError, match="state_version"):
+    with pytest.raises(CheckpointError, match="upgrade_state does not handle version 0"):
         fresh.upgrade_state(old, 0)
 
 

@@ -90,7 +90,9 @@ def test_old_state_version_goes_through_upgrade_state(tmp_path: Path) -> None:
     class CountingV2(CountingPlugin):
         state_version = 2
 
-    with pytest.raises(PluginConfigError, match="cannot load state saved with version 1"):
+    with pytest.raises(
+        CheckpointError, match=r"layout version 1, this CountingV2 reads version 2 .*upgrade_state"
+    ):
         LitplugModule.load_from_checkpoint(tmp_path / "a.ckpt", model=nn.Linear(8, 3), plugins=[CountingV2()])
 
     class CountingV2Upgrading(CountingPlugin):

@@ -104,3 +104,95 @@ def test_third_party_plugin_works_in_yaml(third_party: Path, class_path: str, tm
     cli = LitplugCLI(run=False, args=["--config", str(config)])
     assert [p.name for p in cli.model.plugins] == ["scale_loss"]
     assert cli.model.plugins[0].factor == 0.25
+
+
+MODULE_WITHOUT_ALL = '''
+from litplug.core.plugin import Plugin
+from litplug.plugins.ema import EMA  # used, not exported
+
+
+class OwnPlugin(Plugin):
+    """A plugin defined here."""
+
+    name = "own_plugin"
+'''
+
+
+def test_module_entry_point_without_all_exports_only_its_own_classes(tmp_path: Path, monkeypatch) -> None:
+    _install_fake_distribution(
+        tmp_path, "litplug-own", "own_plugins", MODULE_WITHOUT_ALL, "own = own_plugins"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = discovery.available_plugins()
+    assert registry["own_plugin"].package == "litplug-own"
+    assert registry["ema"].package == "litplug", "an imported built-in is not credited to the importer"
+
+
+def test_module_entry_point_exporting_no_plugin_is_reported(tmp_path: Path, monkeypatch) -> None:
+    _install_fake_distribution(tmp_path, "litplug-empty", "empty_plugins", "X = 1\n", "empty = empty_plugins")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        PluginLoadError, match=r"'empty' from distribution 'litplug-empty'.*exports no plugin"
+    ):
+        discovery.available_plugins()
+
+
+def test_third_party_class_named_like_a_builtin_is_reported(tmp_path: Path, monkeypatch) -> None:
+    source = "from litplug.core.plugin import Plugin\n\nclass EMA(Plugin):\n    name = 'my_ema'\n"
+    _install_fake_distribution(tmp_path, "litplug-my-ema", "my_ema", source, "my_ema = my_ema:EMA")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        PluginLoadError, match=r"'ema' .*'my_ema' \(my_ema.EMA, litplug-my-ema\) are both classes named EMA"
+    ):
+        discovery.available_plugins()
+
+
+@pytest.fixture
+def broken_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    source = "raise ImportError('missing dependency xyz')"
+    _install_fake_distribution(tmp_path, "litplug-broken", "broken_plugin", source, "oops = broken_plugin:X")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_plugins_command_lists_builtins_and_reports_a_broken_package(broken_package: Path, capsys) -> None:
+    from litplug.core.cli import main
+
+    assert main(["plugins"]) == 2
+    out, err = capsys.readouterr()
+    assert "ghost_bn" in out and "GhostBatchNorm" in out
+    assert "'oops' from distribution 'litplug-broken'" in err
+
+
+def test_help_works_despite_a_broken_package(broken_package: Path, capsys) -> None:
+    from litplug.core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out, err = capsys.readouterr()
+    assert "--trainer" in out
+    assert "warning" in err and "litplug-broken" in err
+    assert main(["fit", "--config", "configs/quickstart.yaml"]) == 2, "other commands still stop"
+
+
+def test_short_name_with_autoload_off_hints_at_the_switch(tmp_path: Path, monkeypatch, capsys) -> None:
+    from litplug.core.cli import main
+
+    # a class no test has imported: jsonargparse finds short names among imported subclasses
+    source = THIRD_PARTY.replace("ScaleLossPlugin", "NeverLoadedPlugin").replace("scale_loss", "never_loaded")
+    _install_fake_distribution(tmp_path, "litplug-never", "never_loaded", source, "n = never_loaded")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(discovery.DISABLE_AUTOLOAD_ENV, "1")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model:\n  model:\n    class_path: litplug.core.models.MLP\n"
+        "  plugins:\n    - class_path: NeverLoadedPlugin\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.logger=false", "--trainer.fast_dev_run=true"])
+    err = capsys.readouterr().err
+    assert (
+        f"'NeverLoadedPlugin' is a third-party plugin class, it is not loaded: {discovery.DISABLE_AUTOLOAD_ENV}"
+        in err
+    )

@@ -69,6 +69,17 @@ def test_misspelled_hook_is_an_error_naming_the_plugin() -> None:
         PluginHooks([Typo()])
 
 
+def test_hook_method_without_hookimpl_is_an_error_naming_plugin_and_method() -> None:
+    class Undecorated(Plugin):
+        name = "undecorated"
+
+        def litplug_on_fit_start(self) -> None:  # forgot @hookimpl: pluggy would skip it silently
+            pass
+
+    with pytest.raises(PluginSetupError, match=r"'undecorated': method 'litplug_on_fit_start' .* @hookimpl"):
+        PluginHooks([Undecorated()])
+
+
 def test_unknown_hook_argument_is_an_error() -> None:
     class BadArg(Plugin):
         name = "badarg"

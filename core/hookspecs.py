@@ -183,7 +183,13 @@ def litplug_on_train_batch_end(module: LightningModule, batch: Any, loss: Tensor
 
 @hookspec
 def litplug_on_train_epoch_end(module: LightningModule) -> None:
-    """A training epoch has ended. Results: collected. Ranks: all."""
+    """A training epoch has ended, or been cut short (``max_steps``, ``max_time``, early stopping).
+
+    Lightning fires it at the cut too, before its end-of-epoch checkpoint. A run cut by
+    ``max_steps`` and later continued with a larger one trains the rest of that epoch and fires
+    this again at its real end: act on ``module.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch``
+    if a partial epoch must not count. Results: collected. Ranks: all.
+    """
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,16 +12,22 @@ A resumed run then differs from the uninterrupted one (upstream: Lightning#19403
 start: the epoch completed, the per-epoch counters at zero. Lightning then resumes exactly, with
 either bound. Plain dicts in, no Lightning import: the layout is ``Trainer.fit_loop.state_dict()``.
 
-A run stopped by ``max_steps`` inside an epoch also saves from ``on_train_epoch_end``, in the same
-state but before the epoch's last batch. Continued with a larger ``max_steps``, Lightning keeps the
-epoch's batch count but hands the sampler the next epoch's number, so the rest of the interrupted
-epoch is never trained on and the next epoch's first batches are skipped.
-:func:`reopen_epoch_cut_by_max_steps` moves it back to the state of a run killed after the same
-batch: the epoch started, not processed. Lightning then trains the rest of it and runs its end
-hooks at its real end. Only the caller knows that ``max_steps`` cut the epoch (``max_time`` and
-early stopping leave the same counts, and resume at the next epoch), so it records that at save.
-The epoch-end hooks of the cut epoch have run once at the cut, in the first run: a plugin acting
-there (not one of the built-ins at a step-bounded cut) sees that epoch end twice.
+An epoch cut short also saves from ``on_train_epoch_end``, in the same state but before its last
+batch; under ``max_steps`` Lightning restores it wrongly too: it keeps the epoch's batch count but
+hands the sampler the next epoch's number, so the rest of the epoch and the next epoch's first
+batches are never trained on, and the epoch-end hooks run again. What is right depends on the cut:
+
+- ``max_steps`` cut it (the run is continued with a larger one):
+  :func:`reopen_epoch_cut_by_max_steps` moves the state back to that of a run killed after the
+  same batch, the epoch started but not processed. Lightning trains the rest of the epoch and runs
+  its end hooks at its real end, as the longer run would have. Its end hooks have also run once at
+  the cut, in the first run: a plugin acting there sees that epoch end twice.
+- ``max_time`` or early stopping cut it: :func:`close_epoch_cut_short` closes it as
+  :func:`close_finished_epoch` does, so the resumed run starts the next epoch from its first
+  batch. That is what Lightning does under ``max_epochs``, now under either bound.
+
+The counts are the same in both cases; only the caller knows which cut it was, and records it when
+it saves.
 
 Not repaired: under ``max_steps`` with validation each epoch, Lightning's logging step
 (``_batches_that_stepped``) runs one ahead after such a resume, repaired or not (a restarted
@@ -49,28 +55,22 @@ def close_finished_epoch(loops: dict[str, Any]) -> bool:
 
     ``loops`` is a checkpoint's ``"loops"`` entry, changed in place. Returns whether it changed:
     only a fit loop whose epoch counts read ``ready == started == processed == completed + 1`` and
-    whose last batch was trained qualifies. An epoch cut short (``max_time``, early stopping) is
-    left as Lightning wrote it: resuming starts the next epoch, as Lightning intends.
+    whose last batch was trained qualifies.
     """
-    fit = loops.get("fit_loop")
-    if not isinstance(fit, dict) or not all(key in fit for key in _REPAIRED_KEYS):
-        return False  # not a fit loop, or one of another Lightning version's layout: leave it
-    epochs = fit["epoch_progress"]
-    total = epochs["total"]
-    in_epoch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
-    if not (in_epoch_end and fit["epoch_loop.batch_progress"]["is_last_batch"]):
+    fit = _fit_loop_in_epoch_end(loops)
+    if fit is None or not fit["epoch_loop.batch_progress"]["is_last_batch"]:
         return False
-    for counts in (epochs["total"], epochs["current"]):
-        counts["completed"] = counts["processed"]
-    # what TrainingEpochLoop.reset does when a new epoch starts
-    batches = fit["epoch_loop.batch_progress"]
-    _zero(batches["current"])
-    batches["is_last_batch"] = False
-    _zero(fit["epoch_loop.scheduler_progress"]["current"])
-    for progress in fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"].values():
-        _zero(progress["current"])
-    _zero(fit["epoch_loop.manual_optimization.optim_step_progress"]["current"])
-    _zero(fit["epoch_loop.val_loop.batch_progress"]["total"])
+    _close_epoch(fit)
+    return True
+
+
+def close_epoch_cut_short(loops: dict[str, Any]) -> bool:
+    """Mark an epoch that ``max_time`` or early stopping ended before its last batch as completed,
+    so that the resumed run starts the next epoch; as :func:`close_finished_epoch` otherwise."""
+    fit = _fit_loop_in_epoch_end(loops)
+    if fit is None or fit["epoch_loop.batch_progress"]["is_last_batch"]:
+        return False
+    _close_epoch(fit)
     return True
 
 
@@ -79,20 +79,41 @@ def reopen_epoch_cut_by_max_steps(loops: dict[str, Any]) -> bool:
 
     ``loops`` is a checkpoint's ``"loops"`` entry, changed in place; call it only for a checkpoint
     saved by a run that had reached its ``max_steps``. Returns whether it changed: only a fit loop
-    in its epoch-end hooks (``ready == started == processed == completed + 1``) whose last batch
-    was not trained qualifies.
+    in its epoch-end hooks whose last batch was not trained qualifies.
     """
-    fit = loops.get("fit_loop")
-    if not isinstance(fit, dict) or not all(key in fit for key in _REPAIRED_KEYS):
+    fit = _fit_loop_in_epoch_end(loops)
+    if fit is None or fit["epoch_loop.batch_progress"]["is_last_batch"]:
         return False
     epochs = fit["epoch_progress"]
-    total = epochs["total"]
-    in_epoch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
-    if not in_epoch_end or fit["epoch_loop.batch_progress"]["is_last_batch"]:
-        return False
     for counts in (epochs["total"], epochs["current"]):
         counts["processed"] = counts["completed"]
     return True
+
+
+def _fit_loop_in_epoch_end(loops: dict[str, Any]) -> dict[str, Any] | None:
+    """The fit loop's state if it was saved inside an epoch's end hooks, else None."""
+    fit = loops.get("fit_loop")
+    if not isinstance(fit, dict) or not all(key in fit for key in _REPAIRED_KEYS):
+        return None  # not a fit loop, or one of another Lightning version's layout: leave it
+    total = fit["epoch_progress"]["total"]
+    in_epoch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+    return fit if in_epoch_end else None
+
+
+def _close_epoch(fit: dict[str, Any]) -> None:
+    """What Lightning's loops hold when the next epoch starts: this one completed, the per-epoch
+    counters at zero (what TrainingEpochLoop.reset does)."""
+    epochs = fit["epoch_progress"]
+    for counts in (epochs["total"], epochs["current"]):
+        counts["completed"] = counts["processed"]
+    batches = fit["epoch_loop.batch_progress"]
+    _zero(batches["current"])
+    batches["is_last_batch"] = False
+    _zero(fit["epoch_loop.scheduler_progress"]["current"])
+    for progress in fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"].values():
+        _zero(progress["current"])
+    _zero(fit["epoch_loop.manual_optimization.optim_step_progress"]["current"])
+    _zero(fit["epoch_loop.val_loop.batch_progress"]["total"])
 
 
 def _zero(counts: dict[str, int]) -> None:

@@ -27,7 +27,11 @@ from litplug.core import distributed
 from litplug.core.errors import CheckpointError, ModuleConfigError, PluginSetupError
 from litplug.core.features import get_model_feature
 from litplug.core.learning_rates import set_first_group_lr
-from litplug.core.loop_state import close_finished_epoch, reopen_epoch_cut_by_max_steps
+from litplug.core.loop_state import (
+    close_epoch_cut_short,
+    close_finished_epoch,
+    reopen_epoch_cut_by_max_steps,
+)
 from litplug.core.manager import PluginHooks
 from litplug.core.metrics import ClassificationMetrics, default_loss
 from litplug.core.plugin import Plugin
@@ -553,8 +557,12 @@ class LitplugModule(L.LightningModule):
         # before Lightning restores its loops from the same dict (after this hook)
         loops = checkpoint.get("loops") or {}
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if not close_finished_epoch(loops) and saved is not None and saved.get("reached_max_steps"):
-            reopen_epoch_cut_by_max_steps(loops)
+        if not close_finished_epoch(loops) and saved is not None:
+            # an epoch cut short: max_steps continues it, max_time and early stopping start the next
+            if saved.get("reached_max_steps"):
+                reopen_epoch_cut_by_max_steps(loops)
+            else:
+                close_epoch_cut_short(loops)
         if saved is None:
             if self.plugins:
                 raise CheckpointError(

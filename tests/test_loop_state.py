@@ -1,5 +1,6 @@
-"""close_finished_epoch repairs exactly the loop state saved inside an epoch's end hooks;
-reopen_epoch_cut_by_max_steps exactly the one saved there by a run that max_steps stopped mid-epoch.
+"""close_finished_epoch repairs exactly the loop state saved inside an epoch's end hooks after its
+last batch; close_epoch_cut_short and reopen_epoch_cut_by_max_steps exactly the one saved there
+before it (an epoch cut short, or stopped by max_steps).
 
 The states are Lightning's own, captured from a real fit where each kind of checkpoint is saved.
 That a repaired checkpoint resumes exactly is tested registry-wide in test_resume.py.
@@ -15,7 +16,11 @@ from helpers import quiet_trainer, toy_loaders
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from litplug.core.loop_state import close_finished_epoch, reopen_epoch_cut_by_max_steps
+from litplug.core.loop_state import (
+    close_epoch_cut_short,
+    close_finished_epoch,
+    reopen_epoch_cut_by_max_steps,
+)
 from litplug.core.module import LitplugModule
 
 BATCHES_PER_EPOCH = 4  # 64 rows at batch 16
@@ -91,3 +96,17 @@ def test_an_epoch_cut_by_max_steps_is_reopened_where_it_stopped() -> None:
     mid_epoch = _captured(max_epochs=1).mid_epoch
     assert not reopen_epoch_cut_by_max_steps(mid_epoch)
     assert not reopen_epoch_cut_by_max_steps({})
+
+
+def test_an_epoch_cut_short_is_closed_under_either_bound() -> None:
+    for bound in ({"max_steps": 3 * BATCHES_PER_EPOCH}, {"max_epochs": 3}):
+        loops = _captured(stop_at_batch=1, **bound).epoch_end[0]
+        assert not close_epoch_cut_short(copy.deepcopy(_captured(max_epochs=1).epoch_end[0])), "last batch"
+        assert close_epoch_cut_short(loops)
+        fit = loops["fit_loop"]
+        for counts in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+            assert counts == {"ready": 1, "started": 1, "processed": 1, "completed": 1}
+        batches = fit["epoch_loop.batch_progress"]
+        assert set(batches["current"].values()) == {0} and not batches["is_last_batch"]
+        assert batches["total"]["completed"] == 2  # batches 0 and 1 were trained
+        assert not close_epoch_cut_short(loops), "a closed epoch is left alone"

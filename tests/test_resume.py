@@ -123,3 +123,32 @@ def test_a_run_ended_by_max_steps_mid_epoch_continues_as_the_longer_run(tmp_path
     continued = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2}, ckpt_path=checkpoint)
     for key, value in longer.state_dict().items():
         assert torch.equal(value, continued.state_dict()[key]), f"{key} differs"
+
+
+class StopAfterStep(Callback):
+    """Sets ``trainer.should_stop`` after optimizer step ``step``, as max_time and early stopping do."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_an_epoch_cut_short_by_should_stop_resumes_at_the_next_epoch(tmp_path: Path) -> None:
+    """max_time / early stopping ending an epoch early: the resumed run starts the next epoch from
+    its first batch. Lightning does so under max_epochs; under max_steps it kept the batch count in
+    the next epoch's order (repaired by core/loop_state.close_epoch_cut_short). Both bounds here
+    end after one whole epoch past the cut, so they must end with the same weights."""
+    cut = STEPS_PER_EPOCH + 2  # inside the second epoch
+    resumed = {}
+    for name, bound in (("steps", {"max_steps": cut + STEPS_PER_EPOCH}), ("epochs", {"max_epochs": 3})):
+        _run(None, None, [ModelCheckpoint(dirpath=tmp_path / name), StopAfterStep(cut)], bound)
+        checkpoint = tmp_path / name / f"epoch=1-step={cut}.ckpt"
+        assert checkpoint.exists(), sorted(p.name for p in (tmp_path / name).iterdir())
+        resumed[name] = _run(None, None, [], bound, ckpt_path=checkpoint)
+        assert resumed[name].trainer.global_step == cut + STEPS_PER_EPOCH
+        assert resumed[name].trainer.current_epoch == 3
+    for key, value in resumed["epochs"].state_dict().items():
+        assert torch.equal(value, resumed["steps"].state_dict()[key]), f"{key} differs"

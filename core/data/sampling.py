@@ -306,8 +306,8 @@ class LitplugDataModule(L.LightningDataModule):
             return
         epochs: Any = trainer.fit_loop.epoch_progress.current
         if epochs.completed >= epochs.started:
-            # The interrupted epoch was closed (a run that stopped at max_steps): Lightning starts
-            # the next epoch, so its first batch is the next epoch's first.
+            # The checkpoint's epoch was closed (saved at its end, or cut short by max_time or
+            # early stopping; core/loop_state.py): Lightning starts the next epoch from its first batch.
             return
         progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
         # A checkpoint saved in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) has

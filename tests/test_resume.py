@@ -110,19 +110,25 @@ def test_a_run_ended_by_max_steps_at_an_epoch_end_continues_as_the_longer_run(tm
         assert torch.equal(value, continued.state_dict()[key]), f"{key} differs"
 
 
-def test_a_run_ended_by_max_steps_mid_epoch_continues_as_the_longer_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("plugin_cls", "callback_cls"), CASES)
+def test_a_run_ended_by_max_steps_mid_epoch_continues_as_the_longer_run(
+    plugin_cls, callback_cls, tmp_path: Path
+) -> None:
     """A run stopped by ``max_steps`` inside an epoch saves its checkpoint in the epoch-end hooks of
     an epoch not trained to its end. Continued with a larger ``max_steps``, it must train the rest
-    of that epoch (Lightning alone moves the sampler on to the next epoch's order but keeps the
-    batch count, so the epoch's remaining examples were never seen)."""
-    stop = STEPS_PER_EPOCH + 2  # inside the second epoch
-    longer = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2})
-    _run(None, None, [ModelCheckpoint(dirpath=tmp_path)], {"max_steps": stop})
+    of that epoch (Lightning alone moved the sampler on to the next epoch's order but kept the
+    batch count, so the epoch's remaining examples were never seen). Every plugin and callback:
+    one acting at epoch ends sees the cut epoch end twice, and must still end as the longer run."""
+    stop, longer_steps = STEPS_PER_EPOCH + 2, 2 * STEPS_PER_EPOCH + 2  # a cut inside the second epoch
+    longer = _run(plugin_cls, callback_cls, [], {"max_steps": longer_steps})
+    _run(plugin_cls, callback_cls, [ModelCheckpoint(dirpath=tmp_path)], {"max_steps": stop})
     checkpoint = tmp_path / f"epoch=1-step={stop}.ckpt"
     assert checkpoint.exists(), sorted(p.name for p in tmp_path.iterdir())
-    continued = _run(None, None, [], {"max_steps": 2 * STEPS_PER_EPOCH + 2}, ckpt_path=checkpoint)
+    continued = _run(plugin_cls, callback_cls, [], {"max_steps": longer_steps}, ckpt_path=checkpoint)
     for key, value in longer.state_dict().items():
         assert torch.equal(value, continued.state_dict()[key]), f"{key} differs"
+    for ref_plugin, res_plugin in zip(longer.plugins, continued.plugins, strict=True):
+        assert_same_state(ref_plugin.state_dict(), res_plugin.state_dict(), ref_plugin.name)
 
 
 class StopAfterStep(Callback):

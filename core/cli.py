@@ -213,8 +213,11 @@ class LitplugCLI(LightningCLI):
         tested_checkpoint = None
         if self._subcommand_config().get("test_after_fit"):
             tested_checkpoint = _best_checkpoint(self.trainer)
-            if tested_checkpoint and self.trainer.is_global_zero:
-                print(f"litplug fit: testing the best checkpoint {tested_checkpoint}")
+            if self.trainer.is_global_zero:
+                tested = (
+                    f"the best checkpoint {tested_checkpoint}" if tested_checkpoint else "the final weights"
+                )
+                print(f"litplug fit: testing {tested}")
             tested = self.trainer.test(
                 self.model, datamodule=self.datamodule, ckpt_path=tested_checkpoint, verbose=False
             )
@@ -325,8 +328,12 @@ class LitplugCLI(LightningCLI):
             "global_step": self.trainer.global_step,
             "epochs": self.trainer.current_epoch,
         }
-        if tested_checkpoint:
-            results["tested_checkpoint"] = tested_checkpoint
+        progress = model.loaded_checkpoint_progress
+        if stage != "fit" and tested_checkpoint and progress is not None:
+            # an evaluation's trainer has not trained: report the evaluated checkpoint's progress
+            results["global_step"], results["epochs"] = progress
+        if tested_checkpoint or (stage == "fit" and self._subcommand_config().get("test_after_fit")):
+            results["tested_checkpoint"] = tested_checkpoint  # None: the final weights were tested
         paths = []
         if run_dir:
             paths.append(Path(run_dir) / RESULTS_FILE)

@@ -141,6 +141,8 @@ class LitplugModule(L.LightningModule):
         self.surgery_done = False
         self._fit_start_pending = True
         self._pending_rng_state: dict[str, Any] | None = None
+        # (global_step, epoch) of the last checkpoint loaded: what validate/test report it as
+        self.loaded_checkpoint_progress: tuple[int, int] | None = None
         self._train_batch: Any = None
         self._eval_stage: str | None = None  # the evaluation epoch in progress, between start and end
         self.metrics = nn.ModuleDict()
@@ -555,6 +557,10 @@ class LitplugModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.apply_surgery()  # weights of a modified model only fit a modified model
         # before Lightning restores its loops from the same dict (after this hook)
+        self.loaded_checkpoint_progress = (
+            int(checkpoint.get("global_step", 0)),
+            int(checkpoint.get("epoch", 0)),
+        )
         loops = checkpoint.get("loops") or {}
         saved = checkpoint.get(CHECKPOINT_KEY)
         if not close_finished_epoch(loops) and saved is not None:

@@ -110,9 +110,9 @@ class Plugin:
 
     @classmethod
     def summary(cls) -> str:
-        """First line of the class docstring: shown by ``litplug plugins``."""
+        """First paragraph of the class docstring, on one line: shown by ``litplug plugins``."""
         doc = inspect.getdoc(cls) or ""
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n", 1)[0].split())
 
     @classmethod
     def example(cls) -> Plugin:

@@ -46,8 +46,10 @@ def test_fit_prints_metrics_and_writes_results(tmp_path: Path, capsys: pytest.Ca
     assert code == 0
     printed = capsys.readouterr().out
     assert "litplug fit: final metrics" in printed and "test/acc" in printed
+    assert "litplug fit: testing the final weights" in printed  # no monitored checkpoint: no "best"
     saved = json.loads(results.read_text())
     assert saved["global_step"] == 3
+    assert saved["tested_checkpoint"] is None
     assert 0.0 <= saved["metrics"]["test/acc"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["metrics"] == saved["metrics"]
 
@@ -262,6 +264,8 @@ def test_validate_prints_and_writes_its_metrics(tmp_path: Path, capsys: pytest.C
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["stage"] == "validate" and 0.0 <= saved["metrics"]["val/acc"] <= 1.0
     assert saved["tested_checkpoint"] == str(checkpoint)  # which weights the numbers are of
+    trained = torch.load(checkpoint, weights_only=True)
+    assert (saved["global_step"], saved["epochs"]) == (trained["global_step"], trained["epoch"]) != (0, 0)
 
 
 def test_a_plugin_named_by_its_registry_name_gets_a_hint_with_its_class(tmp_path: Path, capfd) -> None:

@@ -60,6 +60,7 @@ def test_builtin_plugins_are_plugin_subclasses_with_a_summary() -> None:
         assert issubclass(info.cls, Plugin)
         assert info.package == "litplug"
         assert info.summary, f"{info.name} has no one-line summary"
+        assert info.summary.endswith((".", ")")), f"{info.name}: summary cut mid-sentence: {info.summary}"
 
 
 def test_entry_point_plugin_is_discovered(third_party: Path) -> None:

@@ -214,10 +214,10 @@ class LitplugCLI(LightningCLI):
         if self._subcommand_config().get("test_after_fit"):
             tested_checkpoint = _best_checkpoint(self.trainer)
             if self.trainer.is_global_zero:
-                tested = (
+                weights = (
                     f"the best checkpoint {tested_checkpoint}" if tested_checkpoint else "the final weights"
                 )
-                print(f"litplug fit: testing {tested}")
+                print(f"litplug fit: testing {weights}")
             tested = self.trainer.test(
                 self.model, datamodule=self.datamodule, ckpt_path=tested_checkpoint, verbose=False
             )

@@ -718,3 +718,16 @@ def test_the_logged_term_is_the_penalty_value_in_both_modes() -> None:
     assert values["loss"].requires_grad and not values["gradient"].requires_grad
     torch.testing.assert_close(values["gradient"], values["loss"].detach())
     torch.testing.assert_close(values["loss"].detach(), ewc_penalty(params, center, fisher, 7.0).detach())
+
+
+def test_a_fit_without_task_ends_warns_that_ewc_does_nothing() -> None:
+    from litplug.core.data import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=64, form="flat")
+    with pytest.warns(UserWarning, match="plugin 'ewc' .* no ContinualLearning callback"):
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(_module([EWC()]), datamodule=data)
+    driver = ContinualLearning(results_file=None, heatmap=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no ContinualLearning callback")
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[driver])
+        trainer.fit(_module([EWC()]), datamodule=_permuted())

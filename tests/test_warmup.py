@@ -334,3 +334,16 @@ def test_examples_and_exports() -> None:
     assert LinearWarmup.example().warmup_steps == 3
     example = LEGW.example()
     assert isinstance(example, LEGW) and example.base_batch_size == 16
+
+
+def test_a_fit_resumed_after_warmup_still_reports_its_factor_and_lr(tmp_path: Path) -> None:
+    """The final metrics of a resumed run have the keys of the first run's (warmup/factor, warmup/lr)."""
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)
+    _, _, first = _fit([LinearWarmup(warmup_steps=3), saver], max_steps=6, enable_checkpointing=True)
+    assert float(first.callback_metrics["warmup/factor"]) == 1.0
+    _, recorder, resumed = _fit(
+        [LinearWarmup(warmup_steps=3)], max_steps=9, ckpt_path=tmp_path / "epoch=1-step=6.ckpt"
+    )
+    assert float(resumed.callback_metrics["warmup/factor"]) == 1.0
+    assert float(resumed.callback_metrics["warmup/lr"]) == pytest.approx(LR)
+    assert recorder.logged_lrs[0] == pytest.approx(LR)

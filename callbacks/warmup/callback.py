@@ -93,6 +93,7 @@ class LinearWarmup(Callback):
         self.total_steps: int | None = None  # W, resolved at train start
         self.last_factor = 1.0
         self.last_lr: float | None = None  # the first param group's lr in the last step
+        self._logged_this_fit = False
         self._key_args: dict[str, Any] = {"warmup_steps": warmup_steps, "warmup_epochs": warmup_epochs}
         self._handles: list[RemovableHandle] = []
         self._primary: Optimizer | None = None
@@ -162,14 +163,18 @@ class LinearWarmup(Callback):
                 f"whole run ({int(total)} steps); the full learning rate is never reached"
             )
         _log_run_config(trainer, {"warmup/steps": self.total_steps, "warmup/start_factor": self.start_factor})
+        self._logged_this_fit = False
         self._attach(trainer.optimizers)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # LearningRateMonitor reads group["lr"] outside the step, i.e. without the factor: log the
-        # factor and the lr the step used here.
-        if self.total_steps is not None and self.step <= self.total_steps:
+        # factor and the lr the step used here: during warmup, then once more (factor 1). A fit
+        # resumed after warmup logs them once too, so that its metrics have the same keys.
+        in_warmup_or_its_end = self.total_steps is not None and self.step <= self.total_steps
+        if in_warmup_or_its_end or not self._logged_this_fit:
+            self._logged_this_fit = True
             pl_module.log("warmup/factor", self.last_factor, on_step=True, on_epoch=False)
             if self.last_lr is not None:
                 pl_module.log("warmup/lr", self.last_lr, on_step=True, on_epoch=False)

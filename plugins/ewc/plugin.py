@@ -6,6 +6,8 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from litplug.core.distributed import all_reduce_mean_
@@ -163,6 +165,20 @@ class EWC(Plugin):
     @classmethod
     def example(cls) -> EWC:
         return cls(ewc_lambda=10.0, num_samples=64)
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    @hookimpl
+    def litplug_check_setup(self, trainer: Any) -> None:
+        from litplug.core.continual import ContinualLearning  # the one source of task ends
+
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting and not any(isinstance(cb, ContinualLearning) for cb in trainer.callbacks):
+            rank_zero_warn(
+                "plugin 'ewc' consolidates weights at task ends, but the trainer has no "
+                "ContinualLearning callback, so this fit has none: EWC adds no penalty. Add "
+                "litplug.core.continual.ContinualLearning with a continual data module (configs/ewc.yaml)"
+            )
 
     # -- task end: Fisher and anchor --------------------------------------------------------------
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -28,13 +29,18 @@ import warnings
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _get_short_description
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+    _get_short_description,
+)
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -61,6 +67,7 @@ from litplug.core.export import (
 )
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import CHECKPOINT_KEY, LitplugModule
+from litplug.core.parse_errors import summarize_parse_error
 
 TRACE_FLAG = "--trace-hooks"
 SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N in the shell
@@ -76,6 +83,40 @@ RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.pt"
 
 
+class LitplugArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; a bad plugin, callback or data argument ends in one line naming it.
+
+    jsonargparse prints the whole usage (some 60 lines) and then a tree of every type it tried;
+    here its tree is kept, the usage dropped, and the line that says what is wrong comes last,
+    where the eye lands (``core/parse_errors.py``).
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # a caller that wants the exception gets it untouched
+        parser = getattr(ex, "subcommand_parser", None) or self
+        plugin_classes = [info.cls.__name__ for info in available_plugins().values()]
+        summary = summarize_parse_error(message, {"model.plugins": plugin_classes})
+        tree = message.strip().count("\n") > 1
+        details = f"{message.rstrip()}\n\n" if tree else ""  # jsonargparse's tree above its one line
+        if summary is None and message.startswith("unrecognized arguments:"):
+            summary, details = _with_close_options(message, parser), ""
+        if summary is None:
+            super().error(message, ex)
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{details}{prog}: error: {summary}\n({prog} --help lists every option)\n")
+        sys.exit(2)
+
+
+def _with_close_options(message: str, parser: Any) -> str | None:
+    """``unrecognized arguments: --trainer.max_stepz=3`` and the options it may have meant."""
+    options = [o for action in parser._actions for o in action.option_strings if not o.endswith(".help")]
+    given = [arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split() if arg.startswith("--")]
+    close = {arg: difflib.get_close_matches(arg, options, n=3, cutoff=0.8) for arg in given}
+    meant = [f"{arg}: did you mean {' or '.join(found)}?" for arg, found in close.items() if found]
+    return f"{message}; {'; '.join(meant)}" if meant else None
+
+
 class LitplugCLI(LightningCLI):
     """LightningCLI for :class:`LitplugModule` with any LightningDataModule (digits by default)."""
 
@@ -88,6 +129,7 @@ class LitplugCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", SaveConfigCallback)
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        kwargs.setdefault("parser_class", LitplugArgumentParser)
         kwargs.setdefault("auto_configure_optimizers", False)  # the module's optimizer argument does it
         # litplug's data modules shard their own batches per rank (exact resume needs their sampler).
         kwargs["trainer_defaults"] = {"use_distributed_sampler": False, **kwargs.get("trainer_defaults", {})}

@@ -366,3 +366,25 @@ def test_a_missing_checkpoint_file_fails_before_the_model_is_set_up(tmp_path: Pa
         assert main([stage, "--config", _config(tmp_path), "--ckpt_path", "missing.ckpt"]) == 2
         err = capfd.readouterr().err
         assert "--ckpt_path missing.ckpt: no such checkpoint file" in err and "Traceback" not in err, stage
+
+
+@pytest.mark.parametrize(
+    ("args", "last_line"),
+    [
+        (
+            ["--model.plugins+=EMA", "--model.plugins.decay=abc"],
+            "fit: error: plugin EMA (model.plugins), argument 'decay': Expected a <class 'float'>. Got value: abc",
+        ),
+        (["--model.plugins+=NoSuchPlugin"], "'NoSuchPlugin' is not a known plugin class name or import path"),
+        (["--model.optimiser=x"], "did you mean --model.optimizer?"),
+        (["--trainer.max_steps=abc"], "fit: error: trainer.max_steps: Expected a <class 'int'>"),
+    ],
+)
+def test_a_bad_argument_ends_in_one_line_naming_it_without_the_usage(
+    tmp_path: Path, args: list[str], last_line: str, capfd
+) -> None:
+    assert _exit_code(["fit", "--config", _config(tmp_path), *args]) == 2
+    err = capfd.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and last_line in error_lines[0], err
+    assert "usage:" not in err, "the 60 lines of usage are left out"

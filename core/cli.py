@@ -68,6 +68,7 @@ from litplug.core.export import (
 from litplug.core.manager import TRACE_ENV
 from litplug.core.module import CHECKPOINT_KEY, LitplugModule
 from litplug.core.parse_errors import summarize_parse_error
+from litplug.core.run_dir import run_directory
 
 TRACE_FLAG = "--trace-hooks"
 SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N in the shell
@@ -81,6 +82,30 @@ DESCRIPTION = (
 )
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.pt"
+
+
+class SaveConfigToRunDirectory(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, writing ``config.yaml`` into the run directory.
+
+    Lightning writes it to ``trainer.log_dir``, which for a ``WandbLogger`` is the directory
+    every W&B run in it shares (``core/run_dir.py``): each run overwrote the last one's config.
+    Here it goes beside the run's checkpoints folder, as with the CSV logger.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.to_run_directory = self.save_to_log_dir
+        self.save_to_log_dir = False  # Lightning's own write; save_config below does it instead
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.to_run_directory:  # called on rank zero only
+            return
+        run_dir = run_directory(trainer)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / self.config_filename
+        self.parser.save(
+            self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+        )
 
 
 class LitplugArgumentParser(LightningArgumentParser):
@@ -127,7 +152,7 @@ class LitplugCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        kwargs.setdefault("save_config_callback", SaveConfigToRunDirectory)
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("parser_class", LitplugArgumentParser)
         kwargs.setdefault("auto_configure_optimizers", False)  # the module's optimizer argument does it
@@ -292,7 +317,7 @@ class LitplugCLI(LightningCLI):
                 name = type(datamodule).__name__
                 print(f"litplug predict: {name} has no predict_dataloader; predicting its test data")
         predictions = self.trainer.predict(**kwargs)
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP
+        run_dir = _shared_run_directory(self.trainer)  # a collective under DDP
         if not self.trainer.is_global_zero:
             return
         if not predictions:
@@ -354,7 +379,7 @@ class LitplugCLI(LightningCLI):
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False, **kwargs)
 
     def _report(self, stage: str, metrics: dict[str, float], tested_checkpoint: str | None = None) -> None:
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: all ranks
+        run_dir = _shared_run_directory(self.trainer)  # a collective under DDP: all ranks
         if self.trainer.is_global_zero:
             self._write_results(stage, metrics, run_dir, tested_checkpoint)
 
@@ -411,7 +436,7 @@ class ExportPrediction(Callback):
         self.written = False
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
+        run_dir = _shared_run_directory(trainer)  # a collective under DDP: every rank
         default = ONNX_EXPORT_FILE if self.onnx else EXPORT_FILE
         self.path = Path(self.export_path) if self.export_path else Path(run_dir or ".") / default
 
@@ -636,6 +661,11 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(float(value)):
             out[key] = float(value)
     return dict(sorted(out.items()))
+
+
+def _shared_run_directory(trainer: L.Trainer) -> str:
+    """Rank zero's run directory on every rank (``core/run_dir.py``); every rank must call it."""
+    return str(trainer.strategy.broadcast(str(run_directory(trainer))))
 
 
 def print_metrics_table(title: str, metrics: dict[str, float]) -> None:

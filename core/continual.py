@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from litplug.core.data.continual import ContinualDataModule, TaskListDataModule
 from litplug.core.errors import LitplugError
+from litplug.core.run_dir import run_directory
 
 __all__ = [
     "ContinualLearning",
@@ -489,7 +490,7 @@ class ContinualLearning(Callback):
     def _write_outputs(self, trainer: L.Trainer) -> None:
         _print(f"\ncontinual learning ({self.results.scenario}-incremental): accuracy matrix R[i][j]")
         _print(self.results.table())
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir or ".")
+        run_dir = run_directory(trainer)  # rank zero's: no collective in this rank-zero-only method
         if self.results_file:
             path = run_dir / self.results_file
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ __all__ = [
     "expected_calibration_error",
     "log_image_to_wandb",
     "plot_reliability_diagram",
-    "run_directory",
+    "module_run_directory",
     "save_reliability_diagram",
 ]
 
@@ -138,12 +138,15 @@ def plot_reliability_diagram(
     return out
 
 
-def run_directory(module: Any) -> Path:
-    """The run directory of a LightningModule's trainer (its log dir, else ``default_root_dir``)."""
+def module_run_directory(module: Any) -> Path:
+    """The run directory of a LightningModule's trainer (``core/run_dir.py``), else the working
+    directory. No collective: called on rank zero only."""
     trainer = getattr(module, "_trainer", None)
     if trainer is None:
         return Path.cwd()
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    from litplug.core.run_dir import run_directory  # imports Lightning, which this module avoids
+
+    return run_directory(trainer)
 
 
 def log_image_to_wandb(module: Any, key: str, path: Path) -> bool:
@@ -169,7 +172,9 @@ def save_reliability_diagram(
     if trainer is not None and not trainer.is_global_zero:
         return None
     bins = calibration_bins(probs, targets, n_bins)
-    path = plot_reliability_diagram(bins, run_directory(module) / f"reliability_{name}.png", title=name)
+    path = plot_reliability_diagram(
+        bins, module_run_directory(module) / f"reliability_{name}.png", title=name
+    )
     log_image_to_wandb(module, f"reliability/{name}", path)
     return path
 

@@ -388,3 +388,30 @@ def test_a_bad_argument_ends_in_one_line_naming_it_without_the_usage(
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and last_line in error_lines[0], err
     assert "usage:" not in err, "the 60 lines of usage are left out"
+
+
+def test_each_wandb_run_writes_its_results_and_config_in_its_own_folder(tmp_path: Path, monkeypatch) -> None:
+    """Lightning's log_dir is the W&B save_dir itself: two runs there overwrote each other's files."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    save_dir = tmp_path / "wb"
+    logger = (
+        "  logger:\n    class_path: lightning.pytorch.loggers.WandbLogger\n"
+        f"    init_args: {{save_dir: {save_dir}, project: proj, offline: true}}\n"
+    )
+    config = tmp_path / "wandb.yaml"
+    config.write_text(
+        f"model:\n  model:\n{MLP}trainer:\n  max_steps: 2\n  limit_val_batches: 1\n"
+        f"  enable_progress_bar: false\n{logger}"
+    )
+    for _ in range(2):
+        wandb.finish()
+        assert main(["fit", "--config", str(config)]) == 0
+    wandb.finish()
+    run_dirs = sorted(p.parent for p in (save_dir / "proj").glob("*/checkpoints"))
+    assert len(run_dirs) == 2, sorted(save_dir.rglob("*"))
+    for run_dir in run_dirs:
+        assert json.loads((run_dir / "results.json").read_text())["global_step"] == 2
+        assert (run_dir / "config.yaml").is_file()
+    assert not (save_dir / "results.json").exists() and not (save_dir / "config.yaml").exists()

@@ -29,10 +29,11 @@ batches are never trained on, and the epoch-end hooks run again. What is right d
 The counts are the same in both cases; only the caller knows which cut it was, and records it when
 it saves.
 
-Not repaired: under ``max_steps`` with validation each epoch, Lightning's logging step
-(``_batches_that_stepped``) runs one ahead after such a resume, repaired or not (a restarted
-epoch loop's validation check at batch index -1). Only the step metrics are logged at shifts;
-weights, optimizer, schedulers and data order are exact.
+Closing an epoch also leaves one count to repair at run time: Lightning restarts a closed epoch
+with an empty iteration (a validation check at batch index -1, skipped) that still counts a
+logging step (``_batches_that_stepped``), so after an epoch-end resume with validation every
+logged step was one ahead. :func:`logging_step` reads the checkpoint's count for the caller to
+put back before the first batch. Weights, optimizer, schedulers and data order are exact either way.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def reopen_epoch_cut_by_max_steps(loops: dict[str, Any]) -> bool:
     for counts in (epochs["total"], epochs["current"]):
         counts["processed"] = counts["completed"]
     return True
+
+
+def logging_step(loops: dict[str, Any]) -> int | None:
+    """The checkpoint's logging step (the epoch loop's ``_batches_that_stepped``), if it has one."""
+    fit = loops.get("fit_loop")
+    epoch_loop = fit.get("epoch_loop.state_dict") if isinstance(fit, dict) else None
+    step = epoch_loop.get("_batches_that_stepped") if isinstance(epoch_loop, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def _fit_loop_in_epoch_end(loops: dict[str, Any]) -> dict[str, Any] | None:

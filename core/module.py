@@ -30,6 +30,7 @@ from litplug.core.learning_rates import set_first_group_lr
 from litplug.core.loop_state import (
     close_epoch_cut_short,
     close_finished_epoch,
+    logging_step,
     reopen_epoch_cut_by_max_steps,
 )
 from litplug.core.manager import PluginHooks
@@ -141,6 +142,7 @@ class LitplugModule(L.LightningModule):
         self.surgery_done = False
         self._fit_start_pending = True
         self._pending_rng_state: dict[str, Any] | None = None
+        self._logging_step_at_load: int | None = None  # set when loop_state closed an epoch
         # (global_step, epoch) of the last checkpoint loaded: what validate/test report it as
         self.loaded_checkpoint_progress: tuple[int, int] | None = None
         self._train_batch: Any = None
@@ -317,6 +319,15 @@ class LitplugModule(L.LightningModule):
         if self._pending_rng_state is not None:
             _set_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
+        if self._logging_step_at_load is not None:
+            self._put_back_logging_step(self._logging_step_at_load)
+            self._logging_step_at_load = None
+
+    def _put_back_logging_step(self, saved: int) -> None:
+        """No batch has stepped in this fit yet: the logging step is still the checkpoint's."""
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        if epoch_loop._batches_that_stepped == saved + 1:  # Lightning's empty restart iteration
+            epoch_loop._batches_that_stepped = saved
 
     def _agree_after_fit_start(self) -> None:
         """Under DDP, make what plugins computed at fit start (each rank on its own batch) agree:
@@ -563,12 +574,15 @@ class LitplugModule(L.LightningModule):
         )
         loops = checkpoint.get("loops") or {}
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if not close_finished_epoch(loops) and saved is not None:
+        closed = close_finished_epoch(loops)
+        if not closed and saved is not None:
             # an epoch cut short: max_steps continues it, max_time and early stopping start the next
             if saved.get("reached_max_steps"):
                 reopen_epoch_cut_by_max_steps(loops)
             else:
-                close_epoch_cut_short(loops)
+                closed = close_epoch_cut_short(loops)
+        # Lightning's restart of a closed epoch counts one logging step too many (loop_state)
+        self._logging_step_at_load = logging_step(loops) if closed else None
         if saved is None:
             if self.plugins:
                 raise CheckpointError(

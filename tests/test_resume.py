@@ -158,3 +158,30 @@ def test_an_epoch_cut_short_by_should_stop_resumes_at_the_next_epoch(tmp_path: P
         assert resumed[name].trainer.current_epoch == 3
     for key, value in resumed["epochs"].state_dict().items():
         assert torch.equal(value, resumed["steps"].state_dict()[key]), f"{key} differs"
+
+
+def test_an_epoch_end_resume_with_validation_logs_at_the_steps_of_the_longer_run(tmp_path: Path) -> None:
+    """Lightning restarts a closed epoch with an empty iteration that counts a logging step: every
+    step logged after an epoch-end resume with validation was one ahead (metrics at shifted steps)."""
+    from litplug.core.data import DigitsDataModule
+    from litplug.core.models import MLP
+
+    def fit(max_steps: int, callbacks: list[Callback], ckpt_path: Path | None = None) -> L.Trainer:
+        L.seed_everything(0)
+        trainer = quiet_trainer(
+            max_steps=max_steps,
+            limit_train_batches=3,
+            limit_val_batches=1,
+            callbacks=callbacks,
+            enable_checkpointing=bool(callbacks),
+        )
+        module = LitplugModule(MLP(64, [16], 10))
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, form="flat"), ckpt_path=ckpt_path)
+        return trainer
+
+    straight = fit(9, [])
+    fit(6, [ModelCheckpoint(dirpath=tmp_path)])
+    resumed = fit(9, [], ckpt_path=tmp_path / "epoch=1-step=6.ckpt")
+    assert resumed.global_step == straight.global_step == 9
+    logging_steps = [t.fit_loop.epoch_loop._batches_that_stepped for t in (straight, resumed)]
+    assert logging_steps == [9, 9], logging_steps

@@ -242,6 +242,9 @@ class LitplugCLI(LightningCLI):
         model as initialised, silently (a test accuracy of chance, exit code 0).
         """
         _require_checkpoint_file(kwargs.get("ckpt_path"))
+        # Restoring the fit's ModelCheckpoint into this run's new folder: nothing is saved here,
+        # so Lightning's "The dirpath has changed ... won't be reloaded" is noise.
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
         if kwargs.get("ckpt_path") is None and self.trainer.is_global_zero:
             print(f"litplug {self.subcommand}: no --ckpt_path: the model as configured, no checkpoint loaded")
         if kwargs.get("ckpt_path") == "best" and _best_checkpoint(self.trainer) is None:

@@ -258,10 +258,18 @@ def test_ckpt_path_best_without_a_monitored_checkpoint_is_refused(tmp_path: Path
 
 def test_validate_prints_and_writes_its_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = _fit_checkpoint(tmp_path)
-    config = _config(tmp_path, extra="  limit_val_batches: 2\n")
-    assert main(["validate", "--config", config, "--ckpt_path", str(checkpoint)]) == 0
+    # a ModelCheckpoint of its own in another folder: Lightning would warn that the dirpath changed
+    config = tmp_path / "validate.yaml"
+    config.write_text(
+        f"model:\n  model:\n{MLP}trainer:\n  logger: false\n  enable_progress_bar: false\n"
+        f"  default_root_dir: {tmp_path / 'eval'}\n  limit_val_batches: 2\n"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)], "noise for an evaluation"
     assert "litplug validate: final metrics" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert saved["stage"] == "validate" and 0.0 <= saved["metrics"]["val/acc"] <= 1.0
     assert saved["tested_checkpoint"] == str(checkpoint)  # which weights the numbers are of
     trained = torch.load(checkpoint, weights_only=True)

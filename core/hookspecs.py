@@ -48,7 +48,10 @@ REVERSED_HOOKS = frozenset({"litplug_on_eval_end", "litplug_on_eval_interrupted"
 
 @hookspec
 def litplug_check_setup(module: LightningModule, trainer: Trainer) -> None:
-    """Validate the plugin against the trainer, the datamodule and the (unmodified) model.
+    """Validate the plugin against the trainer, the datamodule and the model.
+
+    The model is unmodified on the first stage of a module; in a later one (``test`` after
+    ``fit``) model surgery has already been applied.
 
     Fires in ``LightningModule.setup`` for every stage, before model surgery, so a bad combination
     (a ghost batch larger than the per-device batch, a plugin without DDP support under DDP, ...)
@@ -147,8 +150,11 @@ def litplug_log_probs(module: LightningModule, outputs: Any, stage: str) -> Tens
 def litplug_on_after_backward(module: LightningModule) -> None:
     """Gradients of the training loss exist (before clipping and the optimizer step).
 
-    Fires from ``LightningModule.on_after_backward``; under DDP the gradients are already
-    all-reduced. Results: collected. Ranks: all.
+    Fires from ``LightningModule.on_after_backward``, after every backward: with gradient
+    accumulation also on the micro-batches that do not step, whose gradients DDP does not
+    all-reduce (``no_sync``); on a stepping one under DDP they are all-reduced. Use
+    :func:`litplug_on_before_optimizer_step` for the gradient the step applies. Results:
+    collected. Ranks: all.
     """
 
 
@@ -237,8 +243,8 @@ def litplug_on_eval_end(module: LightningModule, stage: str) -> dict[str, float]
 
     Undo what :func:`litplug_on_eval_start` did (restore training weights). Once per epoch, after
     all of the stage's dataloaders: epoch-level metrics cover them together. Results: reversed
-    order, returned dicts are logged as ``<stage>/<name>`` (not in predict, where Lightning allows
-    no logging). Ranks: all.
+    order, returned dicts merged (a name returned by two plugins is a :class:`HookError`) and
+    logged as ``<stage>/<name>`` (not in predict, where Lightning allows no logging). Ranks: all.
     """
 
 
@@ -305,7 +311,10 @@ def litplug_on_load_checkpoint(module: LightningModule, checkpoint: dict[str, An
 
 @hookspec
 def litplug_on_fit_end(module: LightningModule) -> None:
-    """Fit has ended (also after an interruption handled by Lightning).
+    """Fit has ended normally (``max_steps``, ``max_epochs``, early stopping, ``max_time``).
 
-    Results: reversed order. Ranks: all.
+    Fires from ``LightningModule.on_fit_end``. Not after an interruption (SIGTERM, Ctrl-C, an
+    error): Lightning then runs only ``on_exception`` and teardown, and the run resumes from its
+    checkpoint; undo evaluation swaps in :func:`litplug_on_eval_interrupted` instead. Results:
+    reversed order. Ranks: all.
     """

@@ -230,8 +230,17 @@ class PluginHooks:
 
     def on_eval_end(self, module: LightningModule, stage: str) -> dict[str, float]:
         merged: dict[str, float] = {}
-        for result in self._reversed("litplug_on_eval_end", {"module": module, "stage": stage}):
-            merged.update(result)
+        owner: dict[str, str] = {}
+        for impl in self._impls("litplug_on_eval_end", reverse=True):
+            result = self._invoke(impl, {"module": module, "stage": stage})
+            for key, value in (result or {}).items():
+                if key in merged:
+                    raise HookError(
+                        impl.plugin_name,
+                        "litplug_on_eval_end",
+                        f"returned '{key}', which plugin '{owner[key]}' returned too",
+                    )
+                merged[key], owner[key] = value, impl.plugin_name
         return merged
 
     def on_eval_interrupted(self, module: LightningModule, stage: str) -> None:

@@ -7,7 +7,7 @@ import torch
 from helpers import Named
 from torch import nn
 
-from litplug.core.errors import PluginSetupError
+from litplug.core.errors import HookError, PluginSetupError
 from litplug.core.hookspecs import hookimpl
 from litplug.core.manager import PluginHooks
 from litplug.core.module import LitplugModule
@@ -107,6 +107,27 @@ def test_duplicate_loss_term_names_are_rejected() -> None:
     module = LitplugModule(nn.Linear(2, 2))
     with pytest.raises(Exception, match="'penalty', which plugin 'x' returned too"):
         hooks.extra_losses(module=module, outputs=None, targets=torch.zeros(1), batch=None, stage="train")
+
+
+def test_duplicate_epoch_metric_names_are_rejected() -> None:
+    class EpochMetric(Plugin):
+        name = "epoch_metric"
+
+        def __init__(self, label: str) -> None:
+            self.name = label  # type: ignore[misc]
+
+        @hookimpl
+        def litplug_on_eval_end(self) -> dict[str, float]:
+            return {"score": 1.0}
+
+    module = LitplugModule(nn.Linear(2, 2))
+    assert PluginHooks([EpochMetric("x")]).on_eval_end(module=module, stage="val") == {"score": 1.0}
+    hooks = PluginHooks([EpochMetric("x"), EpochMetric("y")])
+    # reversed order: y's result comes first, x's repeats it
+    with pytest.raises(
+        HookError, match="plugin 'x', hook 'litplug_on_eval_end': returned 'score', which plugin 'y'"
+    ):
+        hooks.on_eval_end(module=module, stage="val")
 
 
 def test_required_model_feature_missing_is_rejected() -> None:

@@ -42,6 +42,7 @@ from lightning.pytorch.cli import (
     _get_short_description,
 )
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -55,7 +56,7 @@ from litplug.core.discovery import (
     builtin_callbacks,
     builtin_plugins,
 )
-from litplug.core.errors import CheckpointError, LitplugError, PluginLoadError
+from litplug.core.errors import CheckpointError, LitplugError, PluginLoadError, StrategyError
 from litplug.core.export import (
     EXPORT_FILE,
     ONNX_EXPORT_FILE,
@@ -214,6 +215,7 @@ class LitplugCLI(LightningCLI):
         return trainer
 
     def fit(self, **kwargs: Any) -> None:
+        _refuse_a_spawned_fit(self.trainer)
         _require_checkpoint_file(kwargs.get("ckpt_path"))
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resume_checkpoint(self.trainer)
@@ -664,6 +666,28 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(float(value)):
             out[key] = float(value)
     return dict(sorted(out.items()))
+
+
+def _refuse_a_spawned_fit(trainer: L.Trainer) -> None:
+    """``litplug fit`` under ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook``: refused before training.
+
+    Those strategies train in child processes and hand this one back only the model's weights:
+    plugin state (EMA's average, the members an ensemble's surgery built), the step count, the run
+    folder and the preemption checkpoint stay in the children. ``--test_after_fit`` then tested
+    other weights than the fit trained and ``results.json`` said step 0. ``ddp`` (what ``auto``
+    picks) runs this command in every process and has none of that. Evaluation subcommands
+    and ``export`` run wholly inside the children, and are allowed.
+    """
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        strategy = type(trainer.strategy).__name__
+        method = trainer.strategy.launcher._start_method
+        raise StrategyError(
+            f"fit with strategy {strategy} (start method '{method}') trains in child processes "
+            "that return only the weights to this one, so plugin state, --test_after_fit, results.json "
+            "and the preemption checkpoint would be wrong here; use --trainer.strategy=ddp (what "
+            "'auto' picks for several devices) from the command line. From Python, ddp_spawn works: "
+            "evaluate inside the same trainer.fit's processes or from its checkpoint"
+        )
 
 
 def _shared_run_directory(trainer: L.Trainer) -> str:

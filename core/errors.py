@@ -70,3 +70,7 @@ class HookError(LitplugError):
         self.plugin = plugin
         self.hook = hook
         super().__init__(f"plugin '{plugin}', hook '{hook}': {problem}")
+
+
+class StrategyError(LitplugError, ValueError):
+    """The trainer's strategy cannot run this command correctly (checked before training)."""

@@ -423,3 +423,13 @@ def test_each_wandb_run_writes_its_results_and_config_in_its_own_folder(tmp_path
         assert json.loads((run_dir / "results.json").read_text())["global_step"] == 2
         assert (run_dir / "config.yaml").is_file()
     assert not (save_dir / "results.json").exists() and not (save_dir / "config.yaml").exists()
+
+
+def test_fit_under_a_spawn_strategy_is_refused_before_training(tmp_path: Path, capfd) -> None:
+    """ddp_spawn hands back only the weights: test_after_fit tested other weights (DDP audit)."""
+    spawn = ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    assert main(["fit", "--config", _config(tmp_path), *spawn]) == 2
+    err = capfd.readouterr().err
+    assert "litplug: error: fit with strategy DDPStrategy (start method 'spawn')" in err
+    assert "use --trainer.strategy=ddp" in err
+    assert not list(tmp_path.rglob("*.ckpt")), "refused before any training"

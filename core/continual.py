@@ -343,6 +343,8 @@ class ContinualLearning(Callback):
         self.matrix = [list(row) for row in state_dict["matrix"]]
         self.started_task = int(state_dict["started_task"])
         self.ended_tasks = int(state_dict["ended_tasks"])
+        # setup (which runs before Lightning restores callbacks) built the results on the old list
+        self.results = ContinualResults(self.matrix, self.results.num_tasks, self.results.scenario)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -445,6 +447,11 @@ class ContinualLearning(Callback):
         self._sync_tasks(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Cut short (max_steps, max_time): on_train_end ends the task for this run's report,
+            # after the checkpoint saved here, so a run continued from it ends the task at its
+            # real end, as an uninterrupted run does.
+            return
         data = self._data(trainer)
         epoch = int(trainer.current_epoch)
         task = data.task_of_epoch(epoch)

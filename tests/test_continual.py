@@ -293,3 +293,38 @@ def test_a_continual_run_killed_after_a_task_boundary_resumes_from_the_epoch_end
         assert torch.equal(value, resumed.state_dict()[key]), key
     ewc_state, resumed_ewc_state = uninterrupted.plugins[0].state_dict(), resumed.plugins[0].state_dict()
     assert_same_state(ewc_state, resumed_ewc_state, "ewc")
+
+
+def test_a_continual_run_ended_by_max_steps_in_a_tasks_last_epoch_continues_as_the_longer_run(
+    tmp_path: Path,
+) -> None:
+    """The cut epoch's end hooks ran at the cut; the task (EWC's Fisher, its matrix row) must end
+    at the task's real end in the continued run, as in the uninterrupted one, and the restored
+    matrix must be reported (it was empty: the results were built before the restore)."""
+
+    def run(
+        max_steps: int, callbacks: list[L.Callback], ckpt_path: Path | None = None
+    ) -> tuple[Any, LitplugModule]:
+        L.seed_everything(0)
+        data = SplitDigitsDataModule(scenario="class", classes_per_task=5, epochs_per_task=2, batch_size=64)
+        module = _module(MLP(64, [32], 10), [EWC(ewc_lambda=10.0, num_samples=64)])
+        trainer = quiet_trainer(
+            callbacks=[ContinualLearning(results_file=None, heatmap=False), *callbacks],
+            limit_val_batches=0,
+            max_steps=max_steps,
+            enable_checkpointing=bool(callbacks),
+            deterministic=True,
+        )
+        ckpt = str(ckpt_path) if ckpt_path else None
+        return fit_continual(module, data, trainer=trainer, ckpt_path=ckpt), module
+
+    reference, uninterrupted = run(40, [ModelCheckpoint(dirpath=tmp_path / "full")])  # 2 x 2 x 10 steps
+    nothing_left, _ = run(40, [], ckpt_path=tmp_path / "full" / "epoch=3-step=40.ckpt")
+    assert nothing_left.matrix == reference.matrix, "a resume that trains nothing reports the saved matrix"
+    cut_results, _ = run(35, [ModelCheckpoint(dirpath=tmp_path)])  # inside task 1's last epoch
+    assert len(cut_results.matrix) == 2, "the cut run still reports the task it cut short"
+    continued_results, continued = run(40, [], ckpt_path=tmp_path / "epoch=3-step=35.ckpt")
+    assert continued_results.matrix == reference.matrix
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, continued.state_dict()[key]), key
+    assert_same_state(uninterrupted.plugins[0].state_dict(), continued.plugins[0].state_dict(), "ewc")

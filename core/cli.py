@@ -758,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             _destroy_process_group()  # every rank stopped at the same batch (PreemptionCheckpoint)
             stopped_by = PreemptionCheckpoint.stop_signal or signal.SIGTERM
             code = SIGNAL_EXIT_BASE + stopped_by  # the shell's code for a process ended by it
-            print(f"litplug: stopped by {stopped_by.name} (exit code {code})", file=sys.stderr)
+            if _process_rank() == 0:  # every rank stops; one line says so
+                print(f"litplug: stopped by {stopped_by.name} (exit code {code})", file=sys.stderr)
             return code
         except SystemExit as exit_info:  # jsonargparse has printed its parse error
             if exit_info.code == 2:
@@ -769,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = _litplug_cause(err) or _spawned_litplug_error(err)
         if cause is None:
             raise
-        print(f"litplug: error: {cause}", file=sys.stderr)
+        print(f"litplug: error{_rank_label()}: {cause}", file=sys.stderr)
         return 2
     return 0
 
@@ -784,6 +785,17 @@ def _import_plugins(asking_for_help: bool) -> None:
         if not asking_for_help:
             raise
         print(f"litplug: warning: {err}; the help below leaves it out", file=sys.stderr)
+
+
+def _process_rank() -> int:
+    """This process's global rank under a DDP launcher (Lightning's or torchrun's), else 0."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _rank_label() -> str:
+    """`` (rank N)`` in a multi-process run, so that each rank's copy of an error says whose it is."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (rank {_process_rank()})" if world > 1 else ""
 
 
 def versions() -> str:

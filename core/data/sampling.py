@@ -335,7 +335,7 @@ class LitplugDataModule(L.LightningDataModule):
         if unchanged:
             sampler.skip_batches(done)
             self._resumes_exactly(
-                f"resuming epoch {sampler.epoch} after {done} of its {len(sampler)} batches"
+                f"resuming epoch {sampler.epoch} after {done} of its {self._limited(len(sampler))} batches"
             )
             return
         if self._limited(saved_len) < saved_len or self._limited(len(sampler)) < len(sampler):

@@ -135,12 +135,11 @@ def available_plugins() -> dict[str, PluginInfo]:
                 f"two plugins are named '{info.name}': {other.cls.class_path()} ({other.package}) and "
                 f"{info.cls.class_path()} ({info.package}); plugin names must be unique"
             )
-        same_class_name = by_class_name.get(info.cls.__name__)
-        if same_class_name is not None and same_class_name.cls is not info.cls:
-            other = same_class_name
+        namesake = by_class_name.get(info.cls.__name__)
+        if namesake is not None and namesake.cls is not info.cls:
             # jsonargparse resolves YAML's short `class_path: EMA` by class name: both would break
             raise PluginLoadError(
-                f"plugins '{other.name}' ({other.cls.class_path()}, {other.package}) and "
+                f"plugins '{namesake.name}' ({namesake.cls.class_path()}, {namesake.package}) and "
                 f"'{info.name}' ({info.cls.class_path()}, {info.package}) are both classes named "
                 f"{info.cls.__name__}; YAML's short class_path needs plugin class names to be unique: "
                 "rename the third-party class"

@@ -132,11 +132,11 @@ class PluginHooks:
         results = [self._invoke(impl, kwargs) for impl in self._impls(name, reverse=True)]
         return [r for r in results if r is not None]
 
-    def _merge_named(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _merge_named(self, name: str, kwargs: dict[str, Any], reverse: bool = False) -> dict[str, Any]:
         """Call a collected hook whose results are dicts, merging them and rejecting duplicates."""
         merged: dict[str, Any] = {}
         owner: dict[str, str] = {}
-        impls = self._impls(name, reverse=False)
+        impls = self._impls(name, reverse=reverse)
         for impl in impls:
             result = self._invoke(impl, kwargs)
             if result is None:
@@ -229,19 +229,7 @@ class PluginHooks:
         return self._merge_named("litplug_eval_step", kwargs)
 
     def on_eval_end(self, module: LightningModule, stage: str) -> dict[str, float]:
-        merged: dict[str, float] = {}
-        owner: dict[str, str] = {}
-        for impl in self._impls("litplug_on_eval_end", reverse=True):
-            result = self._invoke(impl, {"module": module, "stage": stage})
-            for key, value in (result or {}).items():
-                if key in merged:
-                    raise HookError(
-                        impl.plugin_name,
-                        "litplug_on_eval_end",
-                        f"returned '{key}', which plugin '{owner[key]}' returned too",
-                    )
-                merged[key], owner[key] = value, impl.plugin_name
-        return merged
+        return self._merge_named("litplug_on_eval_end", {"module": module, "stage": stage}, reverse=True)
 
     def on_eval_interrupted(self, module: LightningModule, stage: str) -> None:
         self._reversed("litplug_on_eval_interrupted", {"module": module, "stage": stage})
